@@ -1,0 +1,29 @@
+"""Errors the user can act on: the CLI prints their message in one line and exits non-zero, never a traceback."""
+
+
+class CifarFastaiError(Exception):
+    """Base class; `exit_code` is what the CLI exits with."""
+
+    exit_code = 1
+
+
+class DataError(CifarFastaiError):
+    """Missing, unreachable or wrongly laid-out data."""
+
+
+class ArchError(CifarFastaiError):
+    """Unknown architecture or weights that do not fit it."""
+
+    exit_code = 2
+
+
+class WeightsError(CifarFastaiError):
+    """Weights that cannot be found, downloaded or loaded."""
+
+
+class ModelFileError(CifarFastaiError):
+    """An exported model that is missing, tampered with or not trusted."""
+
+
+class TrainingError(CifarFastaiError):
+    """A run that diverged (NaN/inf loss) or otherwise cannot produce a model."""

@@ -1,0 +1,45 @@
+"""A fastai DataLoader that makes each batch with one index into a uint8 image tensor (no per-item Python work)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from fastai.data.core import TfmdDL
+from fastai.torch_core import TensorCategory, TensorImage
+
+
+class TensorImageSet:
+    """The dataset of a `TensorDL`: positions into a shared image tensor, plus the fastai attributes it needs."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, idx: np.ndarray, vocab: list[str], split_idx: int):
+        self.images, self.labels = images, labels
+        self.idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
+        self.vocab, self.split_idx = vocab, split_idx
+
+    def __len__(self) -> int:
+        return len(self.idx)
+
+    def __getitem__(self, i: int) -> int:
+        return i
+
+
+class TensorDL(TfmdDL):
+    """`TfmdDL` whose items are indices and whose `create_batch` gathers them: batch transforms run as usual."""
+
+    def __init__(self, dataset: TensorImageSet, **kwargs):
+        self.vocab = dataset.vocab
+        super().__init__(dataset, **kwargs)
+
+    def create_item(self, s):
+        return 0 if s is None else s
+
+    def create_batch(self, b):
+        pos = self.dataset.idx[torch.as_tensor(b, dtype=torch.int64)]
+        return TensorImage(self.dataset.images[pos]), TensorCategory(self.dataset.labels[pos])
+
+    def retain(self, res, b):
+        return res
+
+    @property
+    def c(self) -> int:
+        return len(self.vocab)

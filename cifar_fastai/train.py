@@ -1,0 +1,197 @@
+"""The one flow of a run: data -> learner -> fit (from scratch or fine-tune) -> evaluate -> export, in a run folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from fastai.torch_core import set_seed
+from fastcore.basics import noop
+
+from .archs import get_arch
+from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
+from .config import TrainConfig
+from .data import CifarData, get_data, inference_dls
+from .errors import TrainingError
+from .learner import create_learner, norm_stats
+from .report import Interpretation
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+
+
+def versions() -> dict[str, str]:
+    import fastai
+    import timm
+    import torchvision
+
+    from . import __version__
+
+    return {
+        "cifar_fastai": __version__,
+        "fastai": fastai.__version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "timm": timm.__version__,
+        "python": sys.version.split()[0],
+    }
+
+
+def make_run_dir(cfg: TrainConfig) -> Path:
+    name = cfg.name or f"{cfg.arch.replace('/', '-')}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = Path(cfg.out) / name
+    for i in range(1, 1000):
+        if not run_dir.exists():
+            break
+        run_dir = Path(cfg.out) / f"{name}-{i}"
+    run_dir.mkdir(parents=True)
+    return run_dir
+
+
+def write_json(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, default=str))
+    tmp.replace(path)  # atomic: readers never see half a file
+
+
+def setup_runtime(cfg: TrainConfig) -> None:
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    set_seed(cfg.seed)  # before the DataLoaders: the hold-out split and the first shuffles depend on it
+
+
+def prepare(cfg: TrainConfig, run_dir: Path, verbose: bool = True):
+    """Seed, data and learner for a run (shared by training and lr-find)."""
+    setup_runtime(cfg)
+    data = get_data(cfg, norm_stats(cfg, get_arch(cfg.arch)), verbose=verbose)
+    learn = create_learner(cfg, data, path=run_dir)
+    if not sys.stdout.isatty():
+        learn.remove_cb(learn.progress)  # no progress bars in logs; PlainProgress prints one line per epoch
+        learn.logger = noop
+    return data, learn
+
+
+def describe(cfg: TrainConfig, data: CifarData) -> dict:
+    return {
+        "config": cfg.to_dict(),
+        "resolved": {
+            "data_root": str(data.root),
+            "loader": data.loader,
+            "vocab": data.vocab,
+            "normalize_mean": list(data.stats[0]),
+            "normalize_std": list(data.stats[1]),
+            "validation": "test set used as validation" if data.valid_is_test else f"hold-out of {data.n_valid} training images",
+            "n_train": data.n_train,
+            "n_valid": data.n_valid,
+            "n_test": data.n_test,
+            "arch_kind": get_arch(cfg.arch).kind,
+            "base_lr": cfg.base_lr,
+            "threads": torch.get_num_threads(),
+        },
+        "versions": versions(),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+def fit(learn, cfg: TrainConfig, cbs: list) -> None:
+    """Pretrained weights -> `fine_tune` (frozen head, then discriminative rates); from scratch -> `fit_one_cycle`."""
+    if cfg.fine_tuning:
+        learn.fine_tune(cfg.epochs, cfg.base_lr, freeze_epochs=cfg.freeze_epochs, cbs=cbs)
+    else:
+        learn.fit_one_cycle(cfg.epochs, cfg.base_lr, cbs=cbs)
+
+
+def export(learn, data: CifarData, run_dir: Path, example: Path) -> Path:
+    """`learn.export` with DataBlock DataLoaders, so `load_learner(...).predict(path)` works whatever trained it."""
+    train_dls = learn.dls
+    learn.dls = inference_dls(data.vocab, learn_size(learn, data), data.stats, example)
+    try:
+        learn.export(run_dir.resolve() / "export.pkl")
+    finally:
+        learn.dls = train_dls
+    return run_dir / "export.pkl"
+
+
+def learn_size(learn, data: CifarData) -> int:
+    from .transforms import BatchResize
+
+    sizes = [t.size for t in learn.dls.after_batch.fs if isinstance(t, BatchResize)]
+    return sizes[0] if sizes else 32
+
+
+def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
+    """Train (or fine-tune), evaluate once on the test set, export; everything lands in one run folder."""
+    t0 = time.perf_counter()
+    run_dir = make_run_dir(cfg)
+    log = print if verbose else noop
+    log(f"run folder: {run_dir}")
+    data, learn = prepare(cfg, run_dir, verbose)
+    info = describe(cfg, data)
+    write_json(run_dir / "config.json", info)  # first: even a crashed run says what it was
+    log(
+        f"{cfg.arch} on {data.root} ({data.loader} loader): {data.n_train} train / {data.n_valid} valid / "
+        f"{data.n_test} test images; {info['resolved']['validation']}"
+    )
+    timer, nan = Throughput(), StopOnNaN()
+    cbs = [timer, nan, HistoryLogger(run_dir.resolve() / "history.csv")]
+    if not sys.stdout.isatty():
+        cbs.append(PlainProgress())
+    try:
+        fit(learn, cfg, cbs)
+    except KeyboardInterrupt:
+        learn.save(run_dir.resolve() / "interrupted", with_opt=True)
+        raise TrainingError(f"interrupted: model and optimizer saved to {run_dir / 'interrupted.pth'}") from None
+    if nan.bad_epoch is not None:
+        raise TrainingError(
+            f"loss became NaN/inf in epoch {nan.bad_epoch + 1}: stopped, nothing exported. Try a lower --lr"
+        )
+    valid_loss, *valid_metrics = learn.recorder.values[-1][1:]
+    interp = Interpretation.from_dl(learn, data.test_dl, data.vocab)
+    test = interp.summary()
+    interp.save_confusion_matrix(run_dir / "confusion_matrix.png", title=f"{cfg.arch}: test set")
+    export(learn, data, run_dir, data.example)
+    metrics = {
+        "valid_loss": float(valid_loss),
+        "valid_accuracy": float(valid_metrics[0]),
+        "test_loss": test["loss"],
+        "test_accuracy": test["accuracy"],
+        "per_class_test_accuracy": test["per_class_accuracy"],
+        "most_confused": test["most_confused"],
+        "validation": info["resolved"]["validation"],
+        "n_test": test["n"],
+        "skipped_files": [p for p, _ in data.bad],
+        "wall_seconds": time.perf_counter() - t0,
+        **timer.stats(),
+    }
+    write_json(run_dir / "metrics.json", metrics)
+    log(
+        f"valid accuracy {metrics['valid_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "
+        f"({metrics['train_images_per_s']:.0f} train images/s, {metrics['wall_seconds']:.0f} s)"
+    )
+    log(f"results in {run_dir}: export.pkl, config.json, metrics.json, history.csv, confusion_matrix.png")
+    return RunResult(run_dir, metrics)
+
+
+def lr_find(cfg: TrainConfig, verbose: bool = True) -> RunResult:
+    """`learn.lr_find()` on the configured data and model; saves lr_find.png and returns the suggestions."""
+    import matplotlib.pyplot as plt
+    from fastai.callback.schedule import minimum, slide, steep, valley
+
+    run_dir = make_run_dir(cfg.replace(name=cfg.name or f"lr-find-{cfg.arch.replace('/', '-')}"))
+    _, learn = prepare(cfg, run_dir, verbose)
+    res = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
+    plt.savefig(run_dir / "lr_find.png", bbox_inches="tight")
+    plt.close("all")
+    suggestions = {k: float(v) for k, v in res._asdict().items()}
+    write_json(run_dir / "lr_find.json", suggestions)
+    if verbose:
+        print("suggested learning rates: " + ", ".join(f"{k} {v:.2e}" for k, v in suggestions.items()))
+        print(f"plot: {run_dir / 'lr_find.png'}")
+    return RunResult(run_dir, suggestions)
