@@ -1,0 +1,72 @@
+"""Shared fixtures: a tiny CIFAR-layout dataset made on the fly (separable by colour, one corrupt file)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+# Every test run gets its own cache, so no test depends on (or pollutes) the user's ~/.cache.
+os.environ.setdefault("CIFAR_FASTAI_CACHE", tempfile.mkdtemp(prefix="cifar_fastai_cache_"))
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+REPO = Path(__file__).resolve().parents[1]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+# One distinct RGB colour per class: a tiny CNN separates them within an epoch.
+COLOURS = np.array(
+    [[230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
+     [145, 30, 180], [70, 240, 240], [240, 50, 230], [128, 128, 0], [0, 0, 128]],
+    dtype=np.float32,
+)  # fmt: skip
+
+
+def make_image(label: int, rng: np.random.Generator, size: int = 32) -> Image.Image:
+    base = COLOURS[label] * rng.uniform(0.7, 1.0)
+    noise = rng.normal(0, 20, (size, size, 3))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8))
+
+
+def make_dataset(root: Path, n_train: int = 30, n_test: int = 10, seed: int = 0, corrupt: bool = True) -> Path:
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", n_train), ("test", n_test)):
+        for label, cls in enumerate(CLASSES):
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                # mostly JPEG (like CIFAR-10 here), some PNG: both readers are exercised
+                ext = "png" if i % 5 == 0 else "jpg"
+                make_image(label, rng).save(folder / f"{i:04d}.{ext}")
+    if corrupt:
+        (root / "train" / "cat" / "9999.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """10 classes x (30 train + 10 test) 32x32 images, plus one corrupt JPEG in train/cat."""
+    return make_dataset(tmp_path_factory.mktemp("tiny") / "cifar_tiny")
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_data, tmp_path_factory) -> Path:
+    """One short real training run of the tiny model, shared by the tests that only read its outputs."""
+    from cifar_fastai import TrainConfig
+    from cifar_fastai.train import train
+
+    out = tmp_path_factory.mktemp("runs")
+    cfg = TrainConfig(data=str(tiny_data), arch="tiny", epochs=2, bs=16, lr=1e-2, out=str(out), name="tiny")
+    return train(cfg, verbose=False).run_dir
+
+
+def run_script(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run a repo script as a user would, in a fresh process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    return subprocess.run(
+        [sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout
+    )
