@@ -41,6 +41,8 @@ class TrainConfig:
     arch: str = opt("resnet18", "architecture name (see --list-archs); timm models as timm/<name>")
     pretrained: bool = opt(False, "start from ImageNet weights (downloaded by torchvision/timm) and fine-tune")
     weights: str | None = opt(None, "local weights file (.pth/.safetensors) to fine-tune from; the only way offline")
+    width: float = opt(1.0, "width multiplier for the project's own models (0.5 ... 4)", min=0.125, max=8.0)
+    dropout: float | None = opt(None, "dropout before the classifier (default: the arch's own; fastai heads use 0.5)", min=0.0, max=0.95)
     # optimisation
     epochs: int = opt(5, "epochs (after the frozen epochs when fine-tuning)", min=1)
     bs: int = opt(256, "batch size", min=1)
@@ -54,6 +56,10 @@ class TrainConfig:
     out: str = opt("runs", "folder that holds the run folders")
     name: str | None = opt(None, "run folder name (default: <arch>-<timestamp>)")
     lr_find: bool = opt(False, "run learn.lr_find(), save lr_find.png, print the suggestions and stop")
+    # --- fine-tuning and transfer (issue 5) ---
+    # --- training toolkit: logging, checkpoints, regularization, adversarial (issue 7) ---
+    # --- hardware: device and precision (issue 9) ---
+    # --- fast CPU recipes (issue 10) ---
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -97,7 +97,10 @@ def create_learner(cfg: TrainConfig, data: CifarData, path: str | Path = ".", cb
     if arch.kind in ("torchvision", "timm"):
         try:
             # normalize=False: the DataLoaders already carry the stats chosen by `norm_stats` (same ones fastai picks)
-            learn = vision_learner(data.dls, arch.builder, n_out=n_out, pretrained=cfg.pretrained, normalize=False, **common)
+            head = {} if cfg.dropout is None else {"ps": cfg.dropout}
+            learn = vision_learner(
+                data.dls, arch.builder, n_out=n_out, pretrained=cfg.pretrained, normalize=False, **head, **common
+            )
         except (URLError, OSError, RuntimeError) as e:
             if not cfg.pretrained:
                 raise
@@ -106,7 +109,7 @@ def create_learner(cfg: TrainConfig, data: CifarData, path: str | Path = ".", cb
                 "pass --weights PATH to a local weights file"
             ) from e
     else:
-        model = arch.builder(n_out=n_out)
+        model = arch.builder(n_out=n_out, width=cfg.width, dropout=cfg.dropout or 0.0)
         learn = Learner(data.dls, model, splitter=default_split, **common)
     if cfg.weights:
         load_body_weights(learn, arch, cfg.weights)

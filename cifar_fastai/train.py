@@ -100,6 +100,17 @@ def describe(cfg: TrainConfig, data: CifarData) -> dict:
     }
 
 
+def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
+    """The side behaviour of a run, each a fastai callback added for the duration of the fit."""
+    cbs = [HistoryLogger(run_dir.resolve() / "history.csv")]
+    if not sys.stdout.isatty():
+        cbs.append(PlainProgress())
+    # --- issue 7: tensorboard, checkpoints, early stopping, regularization, adversarial ---
+    # --- issue 9: precision ---
+    # --- issue 10: fast recipes ---
+    return cbs
+
+
 def fit(learn, cfg: TrainConfig, cbs: list) -> None:
     """Pretrained weights -> `fine_tune` (frozen head, then discriminative rates); from scratch -> `fit_one_cycle`."""
     if cfg.fine_tuning:
@@ -140,9 +151,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
         f"{data.n_test} test images; {info['resolved']['validation']}"
     )
     timer, nan = Throughput(), StopOnNaN()
-    cbs = [timer, nan, HistoryLogger(run_dir.resolve() / "history.csv")]
-    if not sys.stdout.isatty():
-        cbs.append(PlainProgress())
+    cbs = [timer, nan, *run_callbacks(cfg, run_dir)]
     try:
         fit(learn, cfg, cbs)
     except KeyboardInterrupt:
