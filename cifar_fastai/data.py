@@ -89,7 +89,12 @@ def unpack_archive(archive: Path) -> Path:
         else:
             with tarfile.open(archive) as tf:
                 tf.extractall(tmp, filter="data")  # 'data' filter: no absolute paths or links out of the folder
-        tmp.rename(dest)
+        try:
+            tmp.rename(dest)
+        except OSError:
+            if not dest.is_dir():  # not another process that unpacked the same archive first
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise DataError(f"--data {archive}: cannot unpack the archive ({e})") from e
@@ -184,7 +189,7 @@ def index_images(root: Path, verbose: bool = True) -> ImageIndex:
     shapes = {a.shape for a in arrays}
     images = np.stack(arrays) if len(shapes) == 1 else None
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_suffix(".tmp.npz")
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp.npz")  # per process: two runs may decode the same data at once
     np.savez(
         tmp,
         keep=np.array(keep, dtype=np.int64),
