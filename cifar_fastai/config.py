@@ -57,6 +57,7 @@ class TrainConfig:
     name: str | None = opt(None, "run folder name (default: <arch>-<timestamp>)")
     lr_find: bool = opt(False, "run learn.lr_find(), save lr_find.png, print the suggestions and stop")
     # --- fine-tuning and transfer (issue 5) ---
+    train_per_class: int | None = opt(None, "keep at most N training images per class (seeded): low-data runs and quick budgets", min=1)
     # --- training toolkit: logging, checkpoints, regularization, adversarial (issue 7) ---
     # --- hardware: device and precision (issue 9) ---
     # --- fast CPU recipes (issue 10) ---

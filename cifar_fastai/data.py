@@ -235,9 +235,20 @@ def split_indices(index: ImageIndex, cfg: TrainConfig) -> tuple[np.ndarray, np.n
     """(train, valid, test) positions into `index.files`; the hold-out is seeded and drawn from training images only."""
     train_pool, test = index.split(False), index.split(True)
     if cfg.valid == "test":
-        return train_pool, test, test
-    tr, va = RandomSplitter(valid_pct=cfg.valid_pct, seed=cfg.seed)(train_pool)
-    return train_pool[np.sort(np.asarray(tr))], train_pool[np.sort(np.asarray(va))], test
+        train, valid = train_pool, test
+    else:
+        tr, va = RandomSplitter(valid_pct=cfg.valid_pct, seed=cfg.seed)(train_pool)
+        train, valid = train_pool[np.sort(np.asarray(tr))], train_pool[np.sort(np.asarray(va))]
+    if cfg.train_per_class:
+        train = per_class_subset(train, index.labels, cfg.train_per_class, cfg.seed)
+    return train, valid, test
+
+
+def per_class_subset(positions: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most `n` positions per class, drawn with `seed` (after the hold-out, so validation is unchanged)."""
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(positions[labels[positions] == c])[:n] for c in np.unique(labels[positions])]
+    return np.sort(np.concatenate(keep))
 
 
 def get_data(cfg: TrainConfig, stats: tuple[list[float], list[float]] = cifar_stats, verbose: bool = True) -> CifarData:
