@@ -109,7 +109,8 @@ class Classifier:
         from fastai.vision.core import PILImage
 
         rgb = prepare_image(img)  # the model's own pipeline then resizes to its input size and normalizes
-        _, _, probs = self.learn.predict(PILImage.create(rgb))
+        with self.learn.no_bar():  # no progress bar per request in the server log
+            _, _, probs = self.learn.predict(PILImage.create(rgb))
         top = probs.topk(min(k, len(self.vocab)))
         return {self.vocab[i]: float(p) for p, i in zip(top.values, top.indices)}
 
@@ -163,7 +164,7 @@ def build_demo(clf: Classifier, examples: list[Path] | None = None):
             f"and shrunk to {NATIVE_SIZE}x{NATIVE_SIZE} pixels like the training images."
         )
         with gr.Row():
-            image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="input-image")
+            image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="input-image", height=320)
             label = gr.Label(num_top_classes=TOP_K, label="prediction", elem_id="prediction")
         # preprocess=False: our own decoder sees the raw upload, so a bad file gets our message, not a traceback
         image.change(classify, image, label, api_name="predict", preprocess=False)
