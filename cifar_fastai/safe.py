@@ -68,6 +68,7 @@ def save_model(learn, cfg: TrainConfig, vocab: list[str], stats, size: int, fold
     tmp = weights.with_suffix(".tmp")
     save_file(sd, str(tmp), metadata={META_KEY: json.dumps(meta, sort_keys=True)})
     tmp.replace(weights)
+    weights.chmod(0o644)  # safetensors writes 0600; the JSON beside it is readable, so is this
     meta["weights"] = {"file": WEIGHTS_NAME, "sha256": sha256(weights), "bytes": weights.stat().st_size}
     path = folder / JSON_NAME
     tmp = path.with_suffix(".tmp")
@@ -236,3 +237,24 @@ def load(path: str | Path, trust_pickle: bool = False, data: str | None = None):
 
         return load_learner(path, cpu=True)
     return load_model(path, data=data)
+
+
+def convert_pickle(path: str | Path, trust_pickle: bool = False) -> Path:
+    """Write the safe format for an older run that has only `export.pkl` (unpickling it needs explicit trust)."""
+    from .transforms import BatchResize
+
+    path = Path(path).expanduser()
+    pkl = path / PICKLE_NAME if path.is_dir() else path
+    learn = load(pkl, trust_pickle=trust_pickle)
+    folder = pkl.parent
+    cfg_file = folder / "config.json"
+    cfg = TrainConfig.from_json(cfg_file) if cfg_file.is_file() else None
+    if cfg is None:
+        raise ModelFileError(f"{folder}: no config.json to say which architecture {pkl.name} holds")
+    from fastai.data.transforms import Normalize
+
+    fs = learn.dls.after_batch.fs
+    norm = next(t for t in fs if isinstance(t, Normalize))
+    sizes = [t.size for t in fs if isinstance(t, BatchResize)]
+    stats = (norm.mean.flatten().tolist(), norm.std.flatten().tolist())
+    return save_model(learn, cfg, list(learn.dls.vocab), stats, sizes[0] if sizes else 32, folder)

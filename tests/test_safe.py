@@ -128,3 +128,16 @@ def test_weights_of_another_arch_with_a_matching_hash_are_refused(run_copy):
 def test_missing_files_say_what_a_run_folder_holds(tmp_path):
     with pytest.raises(ModelFileError, match="model.json"):
         load_model(tmp_path)
+
+
+def test_an_old_pickle_only_run_converts_with_trust(run_copy):
+    from cifar_fastai.safe import convert_pickle
+
+    (run_copy / "model.json").unlink()
+    (run_copy / "model.safetensors").unlink()
+    with pytest.raises(ModelFileError, match="pickle"):
+        convert_pickle(run_copy)
+    convert_pickle(run_copy, trust_pickle=True)
+    x = torch.rand(4, 3, 32, 32)
+    pkl = load(run_copy / "export.pkl", trust_pickle=True).model.eval()
+    assert torch.allclose(load_model(run_copy).model.eval()(x), pkl(x), atol=1e-6)
