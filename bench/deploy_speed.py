@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -15,12 +16,12 @@ from cifar_fastai.cli import run_or_exit
 
 
 def main(
-    run: Path = typer.Argument(..., help="run folder holding model.json, model.onnx and model.int8.onnx"),
-    data: str = typer.Option(None, help="test data (default: the run's own --data, from config.json)"),
-    n_test: int = typer.Option(None, min=1, help="evaluate on a seeded subset (default: the whole test set)"),
-    reps: int = typer.Option(200, min=5, help="timed batch-1 calls per variant (median reported)"),
-    threads: int = typer.Option(None, min=1, help="CPU threads for torch and onnxruntime (default: all cores)"),
-    out: Path = typer.Option(Path("bench/out/deploy_speed.json"), help="JSON written here"),
+    run: Annotated[Path, typer.Argument(help="run folder holding model.json, model.onnx and model.int8.onnx")],
+    data: Annotated[str | None, typer.Option(help="test data (default: the run's own --data, from config.json)")] = None,
+    n_test: Annotated[int | None, typer.Option(min=1, help="evaluate on a seeded subset (default: the whole test set)")] = None,
+    reps: Annotated[int, typer.Option(min=5, help="timed batch-1 calls per variant (median reported)")] = 200,
+    threads: Annotated[int | None, typer.Option(min=1, help="CPU threads for torch and onnxruntime (default: all cores)")] = None,
+    out: Annotated[Path, typer.Option(help="JSON written here")] = Path("bench/out/deploy_speed.json"),
 ) -> None:
     """Measure, print a table, write JSON."""
     from cifar_fastai.deploy import benchmark

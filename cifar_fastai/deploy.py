@@ -88,7 +88,7 @@ def export_onnx(run: str | Path, out: str | Path | None = None, trust_pickle: bo
             model, (x,), str(out), input_names=["image"], output_names=["logits"], opset_version=OPSET,
             dynamic_shapes={"x": {0: torch.export.Dim("batch", min=1, max=4096)}}, external_data=False, verbose=False,
         )  # fmt: skip
-    except Exception as e:  # noqa: BLE001 - exporter failures come in many types; the user needs the one line
+    except Exception as e:
         raise DeployError(f"ONNX export of {run} failed ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
     doc = {
         "model": out.name,
@@ -165,7 +165,13 @@ def quantize_int8(
 
     reduce_range (7-bit weights): onnxruntime's advice for x86 CPUs without VNNI, where u8s8 products can saturate.
     """
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     folder = run_folder(run)
@@ -265,7 +271,7 @@ def benchmark(
     return {
         "run": str(folder),
         "data": data,
-        "n_test": int(len(y)),
+        "n_test": len(y),
         "threads": threads,
         "max_abs_logit_diff_fp32_onnx": float(np.abs(logits["fp32_onnx"] - logits["fp32_eager"]).max()),
         "results": results,

@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
@@ -31,10 +32,10 @@ def make_demo(model: Path | None = None, trust_pickle: bool = False):
 
 
 def main(
-    model: Path = typer.Option(None, help="run folder, model.json, or export.pkl (with --trust-pickle); default: newest run under runs/"),
-    host: str = typer.Option("127.0.0.1", help="address to bind; 0.0.0.0 exposes the demo to your network"),
-    port: int = typer.Option(None, help="port (default: gradio's, 7860 or the next free one)"),
-    trust_pickle: bool = typer.Option(False, "--trust-pickle", help="allow loading export.pkl: unpickling runs code, so only for files you trust"),
+    model: Annotated[Path | None, typer.Option(help="run folder, model.json, or export.pkl (with --trust-pickle); default: newest run under runs/")] = None,
+    host: Annotated[str, typer.Option(help="address to bind; 0.0.0.0 exposes the demo to your network")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="port (default: gradio's, 7860 or the next free one)")] = None,
+    trust_pickle: Annotated[bool, typer.Option("--trust-pickle", help="allow loading export.pkl: unpickling runs code, so only for files you trust")] = False,
 ) -> None:
     """Serve a trained model in a web page: upload, paste or pick an image, see the top-3 classes."""
     demo = make_demo(model, trust_pickle)

@@ -8,20 +8,30 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 from cifar_fastai.cli import run_or_exit
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, no_args_is_help=True)
-TRUST = typer.Option(False, "--trust-pickle", help="read export.pkl when the run has no model.json (runs its code)")
+Trust = Annotated[bool, typer.Option("--trust-pickle", help="read export.pkl when the run has no model.json (runs its code)")]
+Run = Annotated[Path, typer.Argument(help="run folder")]
 
 
 @app.command()
-def onnx(run: Path = typer.Argument(..., help="run folder"), trust_pickle: bool = TRUST) -> None:
+def onnx(run: Run, trust_pickle: Trust = False) -> None:
     """Write runs/<name>/model.onnx (input: float32 NCHW RGB in [0,1] at 32x32; normalization inside) + model.onnx.json."""
-    from cifar_fastai.deploy import PARITY_ATOL, eager_logits, export_onnx, image_arrays, onnx_logits, ort_session, wrapped_model
     import numpy as np
+
+    from cifar_fastai.deploy import (
+        PARITY_ATOL,
+        eager_logits,
+        export_onnx,
+        onnx_logits,
+        ort_session,
+        wrapped_model,
+    )
 
     def job():
         out = export_onnx(run, trust_pickle=trust_pickle)
@@ -37,11 +47,11 @@ def onnx(run: Path = typer.Argument(..., help="run folder"), trust_pickle: bool 
 
 @app.command()
 def int8(
-    run: Path = typer.Argument(..., help="run folder"),
-    data: str = typer.Option(None, help="calibration data (default: the run's own --data, from config.json)"),
-    calib: int = typer.Option(512, min=1, help="training images used to calibrate activation ranges"),
-    reduce_range: bool = typer.Option(True, help="7-bit weights: onnxruntime's advice for x86 CPUs without VNNI"),
-    trust_pickle: bool = TRUST,
+    run: Run,
+    data: Annotated[str | None, typer.Option(help="calibration data (default: the run's own --data, from config.json)")] = None,
+    calib: Annotated[int, typer.Option(min=1, help="training images used to calibrate activation ranges")] = 512,
+    reduce_range: Annotated[bool, typer.Option(help="7-bit weights: onnxruntime's advice for x86 CPUs without VNNI")] = True,
+    trust_pickle: Trust = False,
 ) -> None:
     """Write runs/<name>/model.int8.onnx: static int8 quantization (onnxruntime, QDQ) calibrated on training images."""
     from cifar_fastai.deploy import quantize_int8
@@ -51,7 +61,7 @@ def int8(
 
 
 @app.command()
-def safe(run: Path = typer.Argument(..., help="run folder or export.pkl"), trust_pickle: bool = TRUST) -> None:
+def safe(run: Run, trust_pickle: Trust = False) -> None:
     """Write model.json + model.safetensors for a run that has only export.pkl (needs --trust-pickle)."""
     from cifar_fastai.safe import convert_pickle
 

@@ -6,7 +6,6 @@ import importlib.util
 import shutil
 import socket
 import time
-from pathlib import Path
 
 import pytest
 

@@ -111,8 +111,9 @@ def test_tampered_weights_are_refused(run_copy, tmp_path, damage):
 
 def test_weights_of_another_arch_with_a_matching_hash_are_refused(run_copy):
     """Even a description re-signed after editing (hash updated) cannot load weights that do not fit its arch."""
-    from cifar_fastai.safe import sha256
     from safetensors.torch import load_file, save_file
+
+    from cifar_fastai.safe import sha256
 
     w = run_copy / "model.safetensors"
     meta = json.loads((run_copy / "model.json").read_text())
