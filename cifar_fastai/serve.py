@@ -17,6 +17,8 @@ MAX_FILE_BYTES = 20 * 1024 * 1024  # 20 MB: a 4000x3000 phone JPEG is 3-8 MB; fa
 MAX_PIXELS = 50_000_000  # 50 MP (an 8000x6000 camera); PIL's own decompression-bomb limit is 89 MP
 WHITE = (255, 255, 255)  # transparent pixels are shown on white by browsers, so the model sees them on white too
 TOP_K = 3
+# 32 px images would show as a thumbnail: scale them up to the box, with visible pixels (that is what the model sees)
+CSS = "#input-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
 
 
 # ------------------------------------------------------------------------------------------------ any image -> RGB
@@ -177,5 +179,5 @@ def serve(demo, host: str = "127.0.0.1", port: int | None = None, queue_size: in
     """Queue (one prediction at a time, at most `queue_size` waiting) and launch with the upload size limit."""
     demo.queue(max_size=queue_size, default_concurrency_limit=1)  # learn.predict is not thread-safe
     return demo.launch(
-        server_name=host, server_port=port, max_file_size=MAX_FILE_BYTES, show_error=True, **kwargs
+        server_name=host, server_port=port, max_file_size=MAX_FILE_BYTES, show_error=True, css=CSS, **kwargs
     )
