@@ -20,6 +20,7 @@ from .data import CifarData, get_data, inference_dls
 from .errors import TrainingError
 from .learner import create_learner, norm_stats
 from .report import Interpretation
+from .safe import save_model
 
 
 @dataclass
@@ -166,6 +167,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     test = interp.summary()
     interp.save_confusion_matrix(run_dir / "confusion_matrix.png", title=f"{cfg.arch}: test set")
     export(learn, data, run_dir, data.example)
+    save_model(learn, cfg, data.vocab, data.stats, learn_size(learn, data), run_dir)  # issue 6: the pickle-free twin
     metrics = {
         "valid_loss": float(valid_loss),
         "valid_accuracy": float(valid_metrics[0]),
@@ -184,7 +186,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
         f"valid accuracy {metrics['valid_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "
         f"({metrics['train_images_per_s']:.0f} train images/s, {metrics['wall_seconds']:.0f} s)"
     )
-    log(f"results in {run_dir}: export.pkl, config.json, metrics.json, history.csv, confusion_matrix.png")
+    log(f"results in {run_dir}: export.pkl, model.json + model.safetensors, config.json, metrics.json, history.csv, confusion_matrix.png")
     return RunResult(run_dir, metrics)
 
 
