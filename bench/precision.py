@@ -4,7 +4,8 @@
     python bench/precision.py --data sample --arch resnet18 --epochs 1 --variants fp32,fp32+cl
 
 Each variant is one `cifar_fastai.train.train` run (the project's own flow); ratios are against the first variant,
-measured in the same process. Writes bench/out/precision.json (or --out).
+measured on the same machine. Variants whose run folder already holds metrics.json are reused (resume after a
+time limit). Writes bench/out/precision.json (or --out).
 """
 
 from __future__ import annotations
@@ -39,7 +40,9 @@ def main(
             data=data, arch=arch, epochs=epochs, bs=bs, device=device, precision=precision, channels_last=cl == "cl",
             out=str(out.parent / "runs"), name=f"precision-{arch.replace('/', '-')}-{variant}",
         )  # fmt: skip
-        m = train(cfg, verbose=True).metrics
+        done = out.parent / "runs" / cfg.name / "metrics.json"
+        # a finished variant is reused: a bench stopped by its time limit resumes where it stopped
+        m = json.loads(done.read_text()) if done.exists() else train(cfg, verbose=True).metrics
         runs[variant] = {k: m[k] for k in ("test_accuracy", "valid_accuracy", "train_images_per_s", "wall_seconds")}
     base = runs[variants.split(",")[0]]
     for r in runs.values():
