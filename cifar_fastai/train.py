@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
+from . import hardware
 from .archs import get_arch
 from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
 from .config import TrainConfig
@@ -64,7 +64,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def setup_runtime(cfg: TrainConfig) -> None:
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    hardware.setup(cfg)  # issue 9: impossible --device/--precision stop here, before data loads; sets threads
     set_seed(cfg.seed)  # before the DataLoaders: the hold-out split and the first shuffles depend on it
 
 
@@ -73,6 +73,9 @@ def prepare(cfg: TrainConfig, run_dir: Path, verbose: bool = True):
     setup_runtime(cfg)
     data = get_data(cfg, norm_stats(cfg, get_arch(cfg.arch)), verbose=verbose)
     learn = create_learner(cfg, data, path=run_dir)
+    rt = hardware.place(learn, data, cfg)  # issue 9: model + DataLoaders onto the chosen device
+    if verbose:
+        print(rt.line(cfg), flush=True)
     if not sys.stdout.isatty():
         learn.remove_cb(learn.progress)  # no progress bars in logs; PlainProgress prints one line per epoch
         learn.logger = noop
@@ -95,6 +98,7 @@ def describe(cfg: TrainConfig, data: CifarData) -> dict:
             "arch_kind": get_arch(cfg.arch).kind,
             "base_lr": cfg.base_lr,
             "threads": torch.get_num_threads(),
+            "hardware": hardware.runtime(cfg, data.dls).to_dict(),  # issue 9
         },
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -108,6 +112,7 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
         cbs.append(PlainProgress())
     # --- issue 7: tensorboard, checkpoints, early stopping, regularization, adversarial ---
     # --- issue 9: precision ---
+    cbs += hardware.callbacks(cfg)
     # --- issue 10: fast recipes ---
     return cbs
 
