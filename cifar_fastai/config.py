@@ -60,6 +60,12 @@ class TrainConfig:
     # --- training toolkit: logging, checkpoints, regularization, adversarial (issue 7) ---
     # --- hardware: device and precision (issue 9) ---
     # --- fast CPU recipes (issue 10) ---
+    # --- multi-process training under torchrun / accelerate launch (issue 8) ---
+    dist_timeout: int = opt(
+        600,
+        "seconds a rank waits in a collective (all-reduce, broadcast) for the others before the job fails instead of hanging",
+        min=10,
+    )
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
