@@ -233,7 +233,10 @@ def global_throughput(stats: dict[str, float]) -> dict[str, float]:
 
 def launch(job: Callable[[], Any]) -> Any:
     """Run a CLI job on this rank: errors name the rank; the process group is closed after a clean finish."""
+    from torch.distributed.elastic.multiprocessing.errors import record
+
     with report_rank_failure():
-        result = job()
+        # record: torchrun's failure summary then shows this rank's exception instead of "error_file: <N/A>"
+        result = record(job)() if is_distributed() else job()
     shutdown()  # not on failure: the launcher stops the other ranks, and NCCL's teardown may wait for them
     return result
