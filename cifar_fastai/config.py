@@ -72,6 +72,12 @@ class TrainConfig:
     )
     channels_last: bool = opt(False, "NHWC memory layout for model and batches (pays on GPUs with mixed precision)")
     # --- fast CPU recipes (issue 10) ---
+    # --- multi-process training under torchrun / accelerate launch (issue 8) ---
+    dist_timeout: int = opt(
+        600,
+        "seconds a rank waits in a collective (all-reduce, broadcast) for the others before the job fails instead of hanging",
+        min=10,
+    )
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -142,8 +142,10 @@ def default_workers(loader: str, device_type: str = "cpu", n_cores: int | None =
 
 
 def default_threads(n_cores: int | None = None) -> int:
-    """torch intra-op threads: all cores (the model's convolutions are the work on a CPU)."""
-    return n_cores or cores()
+    """torch intra-op threads: all cores (the model's convolutions are the work on a CPU), shared by the ranks
+    a launcher such as torchrun starts on this machine (2 cores, 2 ranks: 1 thread each)."""
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (n_cores or cores()) // local_ranks)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
 from . import hardware
+from . import distributed
 from .archs import get_arch
 from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
 from .config import TrainConfig
@@ -99,6 +100,7 @@ def describe(cfg: TrainConfig, data: CifarData) -> dict:
             "base_lr": cfg.base_lr,
             "threads": torch.get_num_threads(),
             "hardware": hardware.runtime(cfg, data.dls).to_dict(),  # issue 9
+            "distributed": distributed.describe(cfg.bs, cfg.base_lr),
         },
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -107,9 +109,12 @@ def describe(cfg: TrainConfig, data: CifarData) -> dict:
 
 def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
     """The side behaviour of a run, each a fastai callback added for the duration of the fit."""
-    cbs = [HistoryLogger(run_dir.resolve() / "history.csv")]
-    if not sys.stdout.isatty():
+    main = distributed.is_main()  # issue 8: under torchrun only rank 0 writes and prints
+    cbs = [HistoryLogger(run_dir.resolve() / "history.csv")] if main else []
+    if not sys.stdout.isatty() and main:
         cbs.append(PlainProgress())
+    # --- issue 8: multi-process (a simulated rank failure, for the tests) ---
+    cbs += distributed.fault_injection_cbs()
     # --- issue 7: tensorboard, checkpoints, early stopping, regularization, adversarial ---
     # --- issue 9: precision ---
     cbs += hardware.callbacks(cfg)
@@ -146,12 +151,15 @@ def learn_size(learn, data: CifarData) -> int:
 def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     """Train (or fine-tune), evaluate once on the test set, export; everything lands in one run folder."""
     t0 = time.perf_counter()
-    run_dir = make_run_dir(cfg)
-    log = print if verbose else noop
+    distributed.init(cfg.dist_timeout)  # under torchrun: join the other ranks (no-op in one process)
+    main = distributed.is_main()  # only rank 0 writes the run folder and prints; it names the folder for all ranks
+    run_dir = Path(distributed.on_main(lambda: str(make_run_dir(cfg))))
+    log = print if verbose and main else noop
     log(f"run folder: {run_dir}")
-    data, learn = prepare(cfg, run_dir, verbose)
+    data, learn = prepare(cfg, run_dir, verbose and main)
     info = describe(cfg, data)
-    write_json(run_dir / "config.json", info)  # first: even a crashed run says what it was
+    if main:
+        write_json(run_dir / "config.json", info)  # first: even a crashed run says what it was
     log(
         f"{cfg.arch} on {data.root} ({data.loader} loader): {data.n_train} train / {data.n_valid} valid / "
         f"{data.n_test} test images; {info['resolved']['validation']}"
@@ -159,16 +167,22 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     timer, nan = Throughput(), StopOnNaN()
     cbs = [timer, nan, *run_callbacks(cfg, run_dir)]
     try:
-        fit(learn, cfg, cbs)
+        with distributed.distrib_ctx(learn):  # DDP + sharded loaders under torchrun, nothing in one process
+            fit(learn, cfg, cbs)
+            valid_loss, *valid_metrics = learn.recorder.values[-1][1:]  # before get_preds, which changes the record
+            # every rank predicts its shard of the test set and fastai gathers them: the whole set on every rank
+            # (fastai's to_detach all-gathers whenever WORLD_SIZE > 1, so rank 0 cannot predict alone)
+            interp = None if nan.bad_epoch is not None else Interpretation.from_dl(learn, data.test_dl, data.vocab)
     except KeyboardInterrupt:
-        learn.save(run_dir.resolve() / "interrupted", with_opt=True)
+        if main:
+            learn.save(run_dir.resolve() / "interrupted", with_opt=True)
         raise TrainingError(f"interrupted: model and optimizer saved to {run_dir / 'interrupted.pth'}") from None
     if nan.bad_epoch is not None:
         raise TrainingError(
             f"loss became NaN/inf in epoch {nan.bad_epoch + 1}: stopped, nothing exported. Try a lower --lr"
         )
-    valid_loss, *valid_metrics = learn.recorder.values[-1][1:]
-    interp = Interpretation.from_dl(learn, data.test_dl, data.vocab)
+    if not main:  # rank 0 alone writes the run folder; the others wait for its metrics
+        return RunResult(run_dir, distributed.broadcast_object(None))
     test = interp.summary()
     interp.save_confusion_matrix(run_dir / "confusion_matrix.png", title=f"{cfg.arch}: test set")
     export(learn, data, run_dir, data.example)
@@ -184,9 +198,10 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
         "n_test": test["n"],
         "skipped_files": [p for p, _ in data.bad],
         "wall_seconds": time.perf_counter() - t0,
-        **timer.stats(),
+        **distributed.global_throughput(timer.stats()),
     }
     write_json(run_dir / "metrics.json", metrics)
+    distributed.broadcast_object(metrics)
     log(
         f"valid accuracy {metrics['valid_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "
         f"({metrics['train_images_per_s']:.0f} train images/s, {metrics['wall_seconds']:.0f} s)"
@@ -200,6 +215,8 @@ def lr_find(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     import matplotlib.pyplot as plt
     from fastai.callback.schedule import minimum, slide, steep, valley
 
+    if distributed.is_distributed():
+        raise TrainingError("--lr-find runs in one process: start it with python, not torchrun")
     run_dir = make_run_dir(cfg.replace(name=cfg.name or f"lr-find-{cfg.arch.replace('/', '-')}"))
     _, learn = prepare(cfg, run_dir, verbose)
     res = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
