@@ -56,7 +56,17 @@ class TrainConfig:
     out: str = opt("runs", "folder that holds the run folders")
     name: str | None = opt(None, "run folder name (default: <arch>-<timestamp>)")
     lr_find: bool = opt(False, "run learn.lr_find(), save lr_find.png, print the suggestions and stop")
+    # --- CIFAR ResNets from scratch (issue 4) ---
+    zero_init_residual: bool = opt(
+        False,
+        "from scratch: zero the last BN gamma of each residual branch so blocks start as identity "
+        "(Goyal et al. 2017, 'Accurate, Large Minibatch SGD')",
+    )
     # --- fine-tuning and transfer (issue 5) ---
+    train_per_class: int | None = opt(
+        None, "train on at most this many images per class (seeded subset, drawn after the hold-out split, "
+        "so validation and test stay the same): small-data and quick-budget runs", min=1
+    )
     # --- training toolkit: logging, checkpoints, regularization, adversarial (issue 7) ---
     # --- hardware: device and precision (issue 9) ---
     # --- fast CPU recipes (issue 10) ---

@@ -235,9 +235,19 @@ def split_indices(index: ImageIndex, cfg: TrainConfig) -> tuple[np.ndarray, np.n
     """(train, valid, test) positions into `index.files`; the hold-out is seeded and drawn from training images only."""
     train_pool, test = index.split(False), index.split(True)
     if cfg.valid == "test":
-        return train_pool, test, test
+        return per_class(train_pool, index.labels, cfg), test, test
     tr, va = RandomSplitter(valid_pct=cfg.valid_pct, seed=cfg.seed)(train_pool)
-    return train_pool[np.sort(np.asarray(tr))], train_pool[np.sort(np.asarray(va))], test
+    train = train_pool[np.sort(np.asarray(tr))]
+    return per_class(train, index.labels, cfg), train_pool[np.sort(np.asarray(va))], test
+
+
+def per_class(train: np.ndarray, labels: np.ndarray, cfg: TrainConfig) -> np.ndarray:
+    """At most `cfg.train_per_class` training images of each class, drawn with `cfg.seed` (issue 5 / issue 4)."""
+    if cfg.train_per_class is None:
+        return train
+    rng = np.random.default_rng(cfg.seed)
+    keep = [rng.permutation(train[labels[train] == c])[: cfg.train_per_class] for c in np.unique(labels[train])]
+    return np.sort(np.concatenate(keep))
 
 
 def get_data(cfg: TrainConfig, stats: tuple[list[float], list[float]] = cifar_stats, verbose: bool = True) -> CifarData:
