@@ -7,12 +7,13 @@ import csv
 import pytest
 import torch
 from fastai.vision.learner import create_vision_model
+from typer.testing import CliRunner
 
 from cifar_fastai import TrainConfig, get_arch, get_data, list_archs
+from cifar_fastai.compare import CompareError, compare, make_app, parse_grid
 from cifar_fastai.learner import create_learner
 from cifar_fastai.models.cifar_resnet import zero_init_residual
 
-from .conftest import run_script
 
 
 def build(name: str, width: float = 1.0) -> torch.nn.Module:
@@ -77,14 +78,11 @@ def test_freeze_trains_only_the_head_and_groups_unfreeze_in_order(tiny_data, tmp
     assert lrs[0] < lrs[1] < lrs[2], "slice(lo, hi) spreads learning rates over the three groups"
 
 
-def test_compare_runs_end_to_end_and_resumes(tiny_data, tmp_path):
-    args = ["scripts/compare.py", "--data", str(tiny_data), "--epochs", "1", "--bs", "16", "--lr", "1e-2"]
-    args += ["--out", str(tmp_path), "--study", "s"]
-    res = run_script(*args, "--grid", "tiny")
-    assert res.returncode == 0, res.stderr[-2000:]
-    res = run_script(*args, "--grid", "tiny,tiny:0.5")  # resumes: only the new row trains
-    assert res.returncode == 0, res.stderr[-2000:]
-    assert "tiny x1: already in" in res.stdout
+def test_compare_runs_end_to_end_and_resumes(tiny_data, tmp_path, capsys):
+    base = TrainConfig(data=str(tiny_data), epochs=1, bs=16, lr=1e-2, out=str(tmp_path))
+    compare(base, parse_grid("tiny"), study="s")
+    compare(base, parse_grid("tiny,tiny:0.5"), study="s")  # resumes: only the new row trains
+    assert "tiny x1: already in" in capsys.readouterr().out
     study = tmp_path / "s"
     rows = list(csv.DictReader((study / "compare.csv").open()))
     assert [(r["arch"], float(r["width"])) for r in rows] == [("tiny", 1.0), ("tiny", 0.5)]
@@ -93,5 +91,13 @@ def test_compare_runs_end_to_end_and_resumes(tiny_data, tmp_path):
     table = (study / "compare.md").read_text()
     assert "| tiny | 0.5 |" in table and "Budget: " in table
     assert (study / "compare.png").stat().st_size > 10_000
-    res = run_script(*args[:-2], "--study", "s", "--grid", "tiny", "--epochs", "2")
-    assert res.returncode != 0 and "another budget" in res.stderr
+    with pytest.raises(CompareError, match="another budget"):
+        compare(base.replace(epochs=2), parse_grid("tiny"), study="s")
+
+
+def test_compare_command_rejects_unknown_arch_and_widths_of_torchvision_models():
+    res = CliRunner().invoke(make_app(), ["--data", "sample", "--grid", "resnet20,nosuchnet"])
+    assert res.exit_code != 0 and "unknown architecture 'nosuchnet'" in res.output
+    assert parse_grid("resnet18,resnet20", "1,2") == [("resnet18", 1.0), ("resnet20", 1.0), ("resnet20", 2.0)]
+    with pytest.raises(CompareError, match="own models"):
+        parse_grid("resnet18:2")
