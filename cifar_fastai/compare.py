@@ -126,7 +126,7 @@ def spawn_row(cfg: TrainConfig) -> dict | None:
     with tempfile.TemporaryDirectory() as tmp:
         cfg_path, out_path = Path(tmp) / "cfg.json", Path(tmp) / "row.json"
         cfg_path.write_text(json.dumps(cfg.to_dict()))
-        proc = subprocess.run([sys.executable, "-m", "cifar_fastai.compare", str(cfg_path), str(out_path)], env=env)
+        proc = subprocess.run([sys.executable, "-m", "cifar_fastai.compare", str(cfg_path), str(out_path)], env=env, check=False)
         if proc.returncode != 0 or not out_path.exists():
             return None
         return json.loads(out_path.read_text())
@@ -171,9 +171,9 @@ def markdown_table(rows: list[dict], budget: dict) -> str:
     lines += [
         "",
         "Budget: " + ", ".join(f"{k}={budget.get(k)}" for k in keys) + " (fit_one_cycle, standard pad-crop-flip).",
-        "MFLOPs: forward FLOPs per 32x32 image counted by torch's FlopCounterMode (convs + linear, 1 MAC = 2 FLOPs). "
+        ("MFLOPs: forward FLOPs per 32x32 image counted by torch's FlopCounterMode (convs + linear, 1 MAC = 2 FLOPs). "
         "Peak mem: peak resident memory of the row's own process above its memory after imports "
-        "(data + model + activations + optimizer state). Wall: the whole `train()` run including the test evaluation.",
+        "(data + model + activations + optimizer state). Wall: the whole `train()` run including the test evaluation."),
     ]
     return "\n".join(lines) + "\n"
 

@@ -15,7 +15,6 @@ from cifar_fastai.learner import create_learner
 from cifar_fastai.models.cifar_resnet import zero_init_residual
 
 
-
 def build(name: str, width: float = 1.0) -> torch.nn.Module:
     arch = get_arch(name)
     if arch.kind == "cifar":
@@ -63,7 +62,7 @@ def test_freeze_trains_only_the_head_and_groups_unfreeze_in_order(tiny_data, tmp
     learn.freeze()
     assert len(learn.opt.param_lists) == 3, "stem+early stages / late stages / head, like torchvision ResNets"
     body, head = learn.model[0], learn.model[1]
-    convs = {k: v.clone() for k, v in body.state_dict().items() if k.endswith("conv1.weight") or k.endswith("conv2.weight")}
+    convs = {k: v.clone() for k, v in body.state_dict().items() if k.endswith(("conv1.weight", "conv2.weight"))}
     head_before = head[-1].weight.clone()
     learn.fit(1, 1e-2)
     after = body.state_dict()

@@ -16,7 +16,7 @@ from .tiny import classifier_head, conv_bn
 
 def channels(c: int, width: float) -> int:
     """Width-multiplied channel count, at least 4 so `--width 0.125` still builds."""
-    return max(4, int(round(c * width)))
+    return max(4, round(c * width))
 
 
 def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
@@ -133,7 +133,8 @@ def zero_init_residual(model: nn.Module) -> int:
     Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", sec. 5.1: it eases
     optimisation early in training. Works on our blocks, on timm's (`zero_init_last`) and on torchvision's.
     """
-    from torchvision.models.resnet import BasicBlock as TvBasic, Bottleneck as TvBottleneck
+    from torchvision.models.resnet import BasicBlock as TvBasic
+    from torchvision.models.resnet import Bottleneck as TvBottleneck
 
     n = 0
     for m in model.modules():
