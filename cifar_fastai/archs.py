@@ -19,29 +19,35 @@ class Arch:
     kind 'torchvision': `builder` is the torchvision function itself, so fastai's `model_meta` finds its cut,
     splitter and ImageNet stats (a lambda or partial would silently lose them: STYLE.md).
     kind 'timm': `builder` is the timm model name; fastai's `vision_learner` builds timm models from strings.
-    kind 'cifar': `builder(n_out, width=, dropout=)` returns a model whose `.body`/`.head` split is the fastai splitter.
+    kind 'cifar': `builder(n_out, width=, dropout=)` returns `Sequential(body, head)`; `splitter` (fastai's: model ->
+    parameter groups) makes `freeze`, `freeze_to` and `slice` learning rates work; None means body / head.
     """
 
     name: str
     kind: str
     builder: Callable | str
     description: str = ""
+    splitter: Callable | None = None
 
 
 _REGISTRY: dict[str, Arch] = {}
 
 
-def register_arch(name: str, kind: str, builder: Callable | str, description: str = "") -> Arch:
-    arch = Arch(name, kind, builder, description)
+def register_arch(
+    name: str, kind: str, builder: Callable | str, description: str = "", splitter: Callable | None = None
+) -> Arch:
+    arch = Arch(name, kind, builder, description, splitter)
     _REGISTRY[name] = arch
     return arch
 
 
-def register_cifar_model(name: str, description: str = "") -> Callable[[Callable], Callable]:
-    """Decorator for the project's own models: `@register_cifar_model("resnet20")`."""
+def register_cifar_model(
+    name: str, description: str = "", splitter: Callable | None = None
+) -> Callable[[Callable], Callable]:
+    """Decorator for the project's own models: `@register_cifar_model("resnet20", splitter=cifar_split)`."""
 
     def wrap(fn: Callable) -> Callable:
-        register_arch(name, "cifar", fn, description or (fn.__doc__ or "").strip().splitlines()[0])
+        register_arch(name, "cifar", fn, description or (fn.__doc__ or "").strip().splitlines()[0], splitter)
         return fn
 
     return wrap

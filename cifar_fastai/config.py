@@ -56,6 +56,12 @@ class TrainConfig:
     out: str = opt("runs", "folder that holds the run folders")
     name: str | None = opt(None, "run folder name (default: <arch>-<timestamp>)")
     lr_find: bool = opt(False, "run learn.lr_find(), save lr_find.png, print the suggestions and stop")
+    # --- CIFAR ResNets from scratch (issue 4) ---
+    zero_init_residual: bool = opt(
+        False,
+        "from scratch: zero the last BN gamma of each residual branch so blocks start as identity "
+        "(Goyal et al. 2017, 'Accurate, Large Minibatch SGD')",
+    )
     # --- fine-tuning and transfer (issue 5) ---
     train_per_class: int | None = opt(None, "keep at most N training images per class (seeded): low-data runs and quick budgets", min=1)
     # --- training toolkit: logging, checkpoints, regularization, adversarial (issue 7) ---

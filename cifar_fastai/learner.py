@@ -16,6 +16,7 @@ from .archs import Arch, get_arch
 from .config import TrainConfig
 from .data import CifarData, get_data
 from .errors import WeightsError
+from .models.cifar_resnet import zero_init_residual
 from .transforms import cifar_stats, imagenet_stats
 
 
@@ -110,7 +111,9 @@ def create_learner(cfg: TrainConfig, data: CifarData, path: str | Path = ".", cb
             ) from e
     else:
         model = arch.builder(n_out=n_out, width=cfg.width, dropout=cfg.dropout or 0.0)
-        learn = Learner(data.dls, model, splitter=default_split, **common)
+        learn = Learner(data.dls, model, splitter=arch.splitter or default_split, **common)
+    if cfg.zero_init_residual and not cfg.fine_tuning:  # issue 4; pretrained gammas are never zeroed
+        zero_init_residual(learn.model)
     if cfg.weights:
         load_body_weights(learn, arch, cfg.weights)
         learn.freeze()

@@ -1,3 +1,3 @@
 """The project's own architectures; importing this package registers them in `cifar_fastai.archs`."""
 
-from . import tiny  # noqa: F401
+from . import cifar_resnet, tiny  # noqa: F401

@@ -1,0 +1,244 @@
+"""ResNets built for 32x32 inputs: CIFAR-stem ResNet-18...152, He et al.'s ResNet-20...110 and a DAWNBench ResNet-9."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from fastai.torch_core import params
+from fastcore.foundation import L
+from torch import nn
+from torch.nn import functional as F
+
+from ..archs import register_cifar_model
+from .tiny import classifier_head, conv_bn
+
+
+def channels(c: int, width: float) -> int:
+    """Width-multiplied channel count, at least 4 so `--width 0.125` still builds."""
+    return max(4, round(c * width))
+
+
+def conv3x3(c_in: int, c_out: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+
+
+class PadShortcut(nn.Module):
+    """He et al. (2015) option A: identity shortcut, subsampled by the stride, zero-padded to the new channel count.
+
+    Parameter-free, which is why ResNet-20 has 0.27M parameters and not more.
+    """
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.stride, self.extra = stride, c_out - c_in
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, :, :: self.stride, :: self.stride]
+        return F.pad(x, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+
+
+def projection(c_in: int, c_out: int, stride: int) -> nn.Module:
+    """Option B: 1x1 conv + BN where the shape changes, identity elsewhere (torchvision's ResNets do the same)."""
+    if stride == 1 and c_in == c_out:
+        return nn.Identity()
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+
+class BasicBlock(nn.Module):
+    """conv3x3-BN-ReLU-conv3x3-BN plus shortcut, then ReLU (He et al. 2015, fig. 2)."""
+
+    expansion = 1
+
+    def __init__(self, c_in: int, planes: int, stride: int = 1, shortcut: str = "B"):
+        super().__init__()
+        c_out = planes * self.expansion
+        self.conv1, self.bn1 = conv3x3(c_in, planes, stride), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, c_out), nn.BatchNorm2d(c_out)
+        needs = stride != 1 or c_in != c_out
+        self.shortcut = PadShortcut(c_in, c_out, stride) if needs and shortcut == "A" else projection(c_in, c_out, stride)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class Bottleneck(nn.Module):
+    """1x1 reduce - 3x3 (stride here, as torchvision's "ResNet v1.5") - 1x1 expand x4, plus a projection shortcut."""
+
+    expansion = 4
+
+    def __init__(self, c_in: int, planes: int, stride: int = 1, shortcut: str = "B"):
+        super().__init__()
+        c_out = planes * self.expansion
+        self.conv1, self.bn1 = nn.Conv2d(c_in, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = conv3x3(planes, planes, stride), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, c_out, 1, bias=False), nn.BatchNorm2d(c_out)
+        self.shortcut = projection(c_in, c_out, stride)
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(self.conv1(x)))
+        out = F.relu(self.bn2(self.conv2(out)))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class Residual(nn.Module):
+    """`x + branch(x)`: the DAWNBench ResNet-9's residual block (two conv-BN-ReLU, no projection)."""
+
+    def __init__(self, c: int):
+        super().__init__()
+        self.branch = nn.Sequential(conv_bn(c, c), conv_bn(c, c))
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.branch[-1][1].weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.branch(x)
+
+
+class Scale(nn.Module):
+    """Multiply the logits by a constant (Page's ResNet-9 scales them by 0.125)."""
+
+    def __init__(self, factor: float):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.factor
+
+
+def init_weights(model: nn.Module) -> nn.Module:
+    """Kaiming-normal convs (fan_out, ReLU: He et al. 2015 "Delving deep into rectifiers"), BN gamma 1 / beta 0.
+
+    The same init torchvision's ResNets use; Linear layers keep PyTorch's default.
+    """
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+    return model
+
+
+def zero_init_residual(model: nn.Module) -> int:
+    """Zero the last BN gamma of every residual branch, so each block starts as the identity; returns how many.
+
+    Goyal et al. 2017, "Accurate, Large Minibatch SGD: Training ImageNet in 1 Hour", sec. 5.1: it eases
+    optimisation early in training. Works on our blocks, on timm's (`zero_init_last`) and on torchvision's.
+    """
+    from torchvision.models.resnet import BasicBlock as TvBasic
+    from torchvision.models.resnet import Bottleneck as TvBottleneck
+
+    n = 0
+    for m in model.modules():
+        if hasattr(m, "zero_init_last"):
+            m.zero_init_last()
+        elif isinstance(m, TvBasic):
+            nn.init.zeros_(m.bn2.weight)
+        elif isinstance(m, TvBottleneck):
+            nn.init.zeros_(m.bn3.weight)
+        else:
+            continue
+        n += 1
+    return n
+
+
+def cifar_split(model: nn.Module) -> list:
+    """Three fastai layer groups like torchvision's ResNet split: stem + early stages / late stages / head.
+
+    `model` is `Sequential(body, head)` and `body` is `Sequential(stem, stage1, ...)`, so `freeze()` trains only the
+    head, `freeze_to(-2)` adds the late stages, and `slice(lo, hi)` spreads learning rates over the three.
+    """
+    body, head = model[0], model[1]
+    cut = (len(body) + 1) // 2
+    return L(body[:cut], body[cut:], head).map(params)
+
+
+def make_stage(block: type, c_in: int, planes: int, n: int, stride: int, shortcut: str) -> nn.Sequential:
+    layers = []
+    for i in range(n):
+        layers.append(block(c_in, planes, stride if i == 0 else 1, shortcut))
+        c_in = planes * block.expansion
+    return nn.Sequential(*layers)
+
+
+def resnet(
+    block: type, layers: list[int], planes: list[int], n_out: int, width: float, dropout: float, shortcut: str
+) -> nn.Sequential:
+    """3x3 stride-1 stem (no max-pool), then one stage per entry of `layers`, halving the size from stage 2 on."""
+    planes = [channels(p, width) for p in planes]
+    stages = OrderedDict(stem=conv_bn(3, planes[0]))
+    c_in = planes[0]
+    for i, (n, p) in enumerate(zip(layers, planes)):
+        stages[f"layer{i + 1}"] = make_stage(block, c_in, p, n, 1 if i == 0 else 2, shortcut)
+        c_in = p * block.expansion
+    model = nn.Sequential(nn.Sequential(stages), classifier_head(c_in, n_out, dropout))
+    return init_weights(model)
+
+
+# ---- CIFAR-stem versions of the ImageNet ResNets: four stages at 32/16/8/4 px, option-B shortcuts
+_IMAGENET_PLANES = [64, 128, 256, 512]
+
+
+def _cifar_resnet(block: type, layers: list[int]):
+    def build(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -> nn.Sequential:
+        return resnet(block, layers, _IMAGENET_PLANES, n_out, width, dropout, shortcut="B")
+
+    return build
+
+
+_DESCRIBE = "ResNet-{d} with a CIFAR stem (3x3 stride 1, no max-pool), {b}, option-B shortcuts"
+for _depth, _block, _layers in (
+    (18, BasicBlock, [2, 2, 2, 2]),
+    (34, BasicBlock, [3, 4, 6, 3]),
+    (50, Bottleneck, [3, 4, 6, 3]),
+    (101, Bottleneck, [3, 4, 23, 3]),
+    (152, Bottleneck, [3, 8, 36, 3]),
+):
+    _build = _cifar_resnet(_block, _layers)
+    _build.__name__ = _build.__qualname__ = f"cifar_resnet{_depth}"
+    _build.__doc__ = _DESCRIBE.format(d=_depth, b=_block.__name__)
+    register_cifar_model(f"cifar_resnet{_depth}", splitter=cifar_split)(_build)
+
+
+# ---- He et al. (2015) sec. 4.2: 6n+2 layers, three stages of 16/32/64 channels, option-A (parameter-free) shortcuts
+def _he_resnet(n: int):
+    def build(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -> nn.Sequential:
+        return resnet(BasicBlock, [n] * 3, [16, 32, 64], n_out, width, dropout, shortcut="A")
+
+    return build
+
+
+_HE_PARAMS = {20: "0.27M", 32: "0.46M", 44: "0.66M", 56: "0.85M", 110: "1.7M"}  # He et al. 2015, table 6
+for _depth, _p in _HE_PARAMS.items():
+    _build = _he_resnet((_depth - 2) // 6)
+    _build.__name__ = _build.__qualname__ = f"resnet{_depth}"
+    _build.__doc__ = f"He et al. CIFAR ResNet-{_depth} (16/32/64 channels, option-A shortcuts, {_p} parameters)"
+    register_cifar_model(f"resnet{_depth}", splitter=cifar_split)(_build)
+
+
+# ---- DAWNBench ResNet-9: David Page (myrtle.ai), "How to train your ResNet" (2018), the 94%-in-minutes network
+@register_cifar_model("resnet9", splitter=cifar_split)
+def resnet9(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -> nn.Sequential:
+    """DAWNBench ResNet-9 (Page 2018): prep conv, 3 stages (conv+pool), 2 residual blocks, 6.6M parameters."""
+    c = [channels(x, width) for x in (64, 128, 256, 512)]
+    body = nn.Sequential(
+        OrderedDict(
+            prep=conv_bn(3, c[0]),
+            layer1=nn.Sequential(conv_bn(c[0], c[1]), nn.MaxPool2d(2), Residual(c[1])),
+            layer2=nn.Sequential(conv_bn(c[1], c[2]), nn.MaxPool2d(2)),
+            layer3=nn.Sequential(conv_bn(c[2], c[3]), nn.MaxPool2d(2), Residual(c[3])),
+        )
+    )
+    # Global max-pool, bias-free linear and logits x0.125: Page's choices ("scaling the final layer").
+    head = nn.Sequential(
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c[3], n_out, bias=False), Scale(0.125)
+    )
+    return init_weights(nn.Sequential(body, head))

@@ -1,0 +1,102 @@
+"""The project's CIFAR ResNets: every arch trains a step, published sizes, freezing by layer groups, the study command."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+from fastai.vision.learner import create_vision_model
+from typer.testing import CliRunner
+
+from cifar_fastai import TrainConfig, get_arch, get_data, list_archs
+from cifar_fastai.compare import CompareError, compare, make_app, parse_grid
+from cifar_fastai.learner import create_learner
+from cifar_fastai.models.cifar_resnet import zero_init_residual
+
+
+def build(name: str, width: float = 1.0) -> torch.nn.Module:
+    arch = get_arch(name)
+    if arch.kind == "cifar":
+        return arch.builder(n_out=10, width=width, dropout=0.0)
+    if arch.kind == "torchvision":
+        return create_vision_model(arch.builder, 10, pretrained=False)
+    from fastai.vision.learner import create_timm_model
+
+    return create_timm_model(arch.builder, 10, pretrained=False)[0]
+
+
+@pytest.mark.parametrize("name", list_archs())
+def test_every_arch_trains_a_step_on_cifar_sized_images(name):
+    torch.manual_seed(0)
+    model = build(name).train()
+    out = model(torch.randn(2, 3, 32, 32))
+    assert out.shape == (2, 10) and torch.isfinite(out).all()
+    out.logsumexp(1).mean().backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+# He et al. 2015 table 6 (option-A shortcuts) and the CIFAR-stem ResNet-18 (kuangliu/pytorch-cifar, 11.17M).
+@pytest.mark.parametrize(
+    "name, published", [("resnet20", 0.27e6), ("resnet56", 0.85e6), ("resnet110", 1.7e6), ("cifar_resnet18", 11.17e6)]
+)
+def test_parameter_counts_match_the_papers(name, published):
+    n = sum(p.numel() for p in build(name).parameters())
+    assert abs(n - published) / published < 0.02, f"{name}: {n:,} parameters, published {published:,.0f}"
+
+
+def test_width_multiplier_and_zero_init():
+    narrow, wide = build("resnet20", 1.0), build("resnet20", 2.0)
+    n1, n2 = (sum(p.numel() for p in m.parameters()) for m in (narrow, wide))
+    assert 3.5 < n2 / n1 < 4.1, "double width ~ four times the conv parameters"
+    x = torch.randn(2, 16, 8, 8)
+    block = narrow[0].layer1[0].eval()
+    assert zero_init_residual(narrow) == 9  # 3 stages x 3 blocks
+    assert torch.allclose(block(x), torch.relu(x)), "a zero-initialised block starts as the identity (then ReLU)"
+
+
+def test_freeze_trains_only_the_head_and_groups_unfreeze_in_order(tiny_data, tmp_path):
+    cfg = TrainConfig(data=str(tiny_data), arch="resnet20", bs=32, out=str(tmp_path))
+    learn = create_learner(cfg, get_data(cfg, verbose=False))
+    learn.freeze()
+    assert len(learn.opt.param_lists) == 3, "stem+early stages / late stages / head, like torchvision ResNets"
+    body, head = learn.model[0], learn.model[1]
+    convs = {k: v.clone() for k, v in body.state_dict().items() if k.endswith(("conv1.weight", "conv2.weight"))}
+    head_before = head[-1].weight.clone()
+    learn.fit(1, 1e-2)
+    after = body.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in convs.items()), "frozen body convs moved"
+    assert not torch.equal(head[-1].weight, head_before), "the head did not train"
+    learn.freeze_to(-2)
+    trainable = [any(p.requires_grad for p in g if p.ndim > 1) for g in learn.opt.param_lists]
+    assert trainable == [False, True, True]
+    learn.unfreeze()
+    learn.opt.set_hypers(lr=slice(1e-4, 1e-2))
+    lrs = [h["lr"] for h in learn.opt.hypers]
+    assert lrs[0] < lrs[1] < lrs[2], "slice(lo, hi) spreads learning rates over the three groups"
+
+
+def test_compare_runs_end_to_end_and_resumes(tiny_data, tmp_path, capsys):
+    base = TrainConfig(data=str(tiny_data), epochs=1, bs=16, lr=1e-2, out=str(tmp_path))
+    compare(base, parse_grid("tiny"), study="s")
+    compare(base, parse_grid("tiny,tiny:0.5"), study="s")  # resumes: only the new row trains
+    assert "tiny x1: already in" in capsys.readouterr().out
+    study = tmp_path / "s"
+    rows = list(csv.DictReader((study / "compare.csv").open()))
+    assert [(r["arch"], float(r["width"])) for r in rows] == [("tiny", 1.0), ("tiny", 0.5)]
+    assert float(rows[0]["params_m"]) > float(rows[1]["params_m"]) and float(rows[0]["mflops"]) > float(rows[1]["mflops"])
+    assert all(float(r["test_acc"]) > 0.3 and float(r["train_img_s"]) > 0 and float(r["peak_mem_mb"]) >= 0 for r in rows)
+    table = (study / "compare.md").read_text()
+    assert "| tiny | 0.5 |" in table and "Budget: " in table
+    assert (study / "compare.png").stat().st_size > 10_000
+    with pytest.raises(CompareError, match="another budget"):
+        compare(base.replace(epochs=2), parse_grid("tiny"), study="s")
+
+
+def test_compare_command_rejects_unknown_arch_and_widths_of_torchvision_models():
+    res = CliRunner().invoke(make_app(), ["--data", "sample", "--grid", "resnet20,nosuchnet"])
+    assert res.exit_code != 0 and "unknown architecture 'nosuchnet'" in res.output
+    assert parse_grid("resnet18,resnet20", "1,2") == [("resnet18", 1.0), ("resnet20", 1.0), ("resnet20", 2.0)]
+    with pytest.raises(CompareError, match="own models"):
+        parse_grid("resnet18:2")
