@@ -236,6 +236,11 @@ def split_indices(index: ImageIndex, cfg: TrainConfig) -> tuple[np.ndarray, np.n
     train_pool, test = index.split(False), index.split(True)
     if cfg.valid == "test":
         return train_pool, test, test
+    if cfg.folds:  # k-fold cross-validation (issue 7): seeded folds of the training images, fold `cfg.fold` held out
+        if cfg.folds < 2 or not 0 <= cfg.fold < cfg.folds or cfg.folds > len(train_pool):
+            raise DataError(f"--folds {cfg.folds} --fold {cfg.fold}: need 2 <= folds <= {len(train_pool)} and 0 <= fold < folds")
+        va = np.array_split(np.random.default_rng(cfg.seed).permutation(len(train_pool)), cfg.folds)[cfg.fold]
+        return np.delete(train_pool, va), train_pool[np.sort(va)], test
     tr, va = RandomSplitter(valid_pct=cfg.valid_pct, seed=cfg.seed)(train_pool)
     return train_pool[np.sort(np.asarray(tr))], train_pool[np.sort(np.asarray(va))], test
 
@@ -279,7 +284,7 @@ def _tensor_dls(index, train, valid, test, cfg, stats):
             bs=cfg.bs,
             shuffle=train_mode,
             drop_last=train_mode,
-            after_batch=batch_tfms_for(cfg.size, stats),
+            after_batch=batch_tfms_for(cfg.size, stats, pad=cfg.crop_pad),
             num_workers=workers,
         )
 
@@ -287,14 +292,14 @@ def _tensor_dls(index, train, valid, test, cfg, stats):
     return dls, dl(test, 1, False)
 
 
-def datablock(vocab: list[str], valid_idx, size: int, stats) -> DataBlock:
+def datablock(vocab: list[str], valid_idx, size: int, stats, pad: int = 4) -> DataBlock:
     """The general fastai path: any folder of images, resized to 32 px per item, then the same batch transforms."""
     return DataBlock(
         blocks=(ImageBlock, CategoryBlock(vocab=vocab)),
         get_y=parent_label,
         splitter=IndexSplitter(valid_idx),
         item_tfms=Resize(NATIVE_SIZE),
-        batch_tfms=batch_tfms_for(size, stats),
+        batch_tfms=batch_tfms_for(size, stats, pad=pad),
     )
 
 
@@ -302,7 +307,7 @@ def _datablock_dls(index, train, valid, test, cfg, stats):
     items = [index.files[i] for i in np.concatenate([train, valid])]
     valid_pos = list(range(len(train), len(train) + len(valid)))
     workers = cfg.workers if cfg.workers is not None else default_workers("datablock")
-    dls = datablock(index.vocab, valid_pos, cfg.size, stats).dataloaders(items, bs=cfg.bs, num_workers=workers)
+    dls = datablock(index.vocab, valid_pos, cfg.size, stats, cfg.crop_pad).dataloaders(items, bs=cfg.bs, num_workers=workers)
     test_dl = dls.test_dl([index.files[i] for i in test], with_labels=True)
     return dls, test_dl
 

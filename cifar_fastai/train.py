@@ -13,6 +13,7 @@ import torch
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
+from .adversarial import adversarial_callback
 from .archs import get_arch
 from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
 from .config import TrainConfig
@@ -106,6 +107,8 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
     if not sys.stdout.isatty():
         cbs.append(PlainProgress())
     # --- issue 7: tensorboard, checkpoints, early stopping, regularization, adversarial ---
+    if (adv := adversarial_callback(cfg)) is not None:
+        cbs.append(adv)
     # --- issue 9: precision ---
     # --- issue 10: fast recipes ---
     return cbs
