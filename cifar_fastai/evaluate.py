@@ -158,8 +158,9 @@ def evaluate(
     return result
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", Path(text).name if "/" in text else text).strip("-")[:60] or "data"
+def slug(source: str) -> str:
+    """'evaluation-<slug>' names: the folder's last two parts, e.g. 'cifar10-test' for a CIFAR layout's test/."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", "-".join(Path(source).parts[-2:])).strip("-")[:60] or "data"
 
 
 def summary_line(r: dict) -> str:
