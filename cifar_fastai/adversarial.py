@@ -75,12 +75,22 @@ def pgd(
     with torch.enable_grad():
         for _ in range(steps):
             adv = adv + alpha * _input_grad(model, adv, y, mean, std).sign()
-            adv = torch.min(torch.max(adv, clean - eps), clean + eps).clamp(0, 1)  # project: eps-ball, then the image box
+            adv = torch.min(torch.max(adv, clean - eps), clean + eps).clamp(
+                0, 1
+            )  # project: eps-ball, then the image box
     return from_pixels(adv.detach(), mean, std).to(x.dtype)
 
 
 def attack_batch(
-    model: nn.Module, x: Tensor, y: Tensor, attack: str, eps: float, mean: Tensor, std: Tensor, alpha: float = 2 / 255, steps: int = 7
+    model: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    attack: str,
+    eps: float,
+    mean: Tensor,
+    std: Tensor,
+    alpha: float = 2 / 255,
+    steps: int = 7,
 ) -> Tensor:
     """Adversarial version of a normalized batch, with the model in eval mode (see `AdversarialTraining`)."""
     x, y = x.as_subclass(Tensor), y.as_subclass(Tensor).long()  # fastai's TensorImage/TensorCategory -> plain tensors
@@ -118,7 +128,9 @@ class AdversarialTraining(Callback):
     run_valid = False
     order = -1  # before MixUp/CutMix (order 0): attack the real images and labels, then let them mix
 
-    def __init__(self, attack: str = "pgd", eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 7, ratio: float = 1.0):
+    def __init__(
+        self, attack: str = "pgd", eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 7, ratio: float = 1.0
+    ):
         if attack not in ATTACKS:
             raise ValueError(f"unknown attack {attack!r}: choose one of {', '.join(ATTACKS)}")
         self.attack, self.eps, self.alpha, self.steps, self.ratio = attack, eps, alpha, steps, ratio
@@ -133,7 +145,9 @@ class AdversarialTraining(Callback):
         if n == 0:
             return
         with eval_mode(self.model):
-            adv = attack_batch(self.model, x[:n], y[:n], self.attack, self.eps, self.mean, self.std, self.alpha, self.steps)
+            adv = attack_batch(
+                self.model, x[:n], y[:n], self.attack, self.eps, self.mean, self.std, self.alpha, self.steps
+            )
         self.learn.xb = (torch.cat([adv, x[n:]]).as_subclass(type(x)), *self.xb[1:])
         self.n_adversarial += n
 

@@ -23,8 +23,8 @@ from PIL import Image
 
 from .config import TrainConfig
 from .errors import DataError
-from .transforms import batch_tfms_for, cifar_stats
 from .tensor_loader import TensorDL, TensorImageSet
+from .transforms import batch_tfms_for, cifar_stats
 
 SAMPLE_DIR = Path(__file__).parent / "sample" / "cifar10_sample"
 NATIVE_SIZE = 32  # CIFAR images are 32x32; the DataBlock path resizes anything else to this first

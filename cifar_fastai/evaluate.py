@@ -12,7 +12,7 @@ from fastai.torch_core import set_seed
 
 from .adversarial import robust_accuracy
 from .config import TrainConfig
-from .data import get_data, read_rgb, resolve_data, READ_ERRORS
+from .data import READ_ERRORS, get_data, read_rgb, resolve_data
 from .errors import DataError, ModelFileError
 from .report import Interpretation
 from .train import write_json
@@ -27,7 +27,7 @@ def load_run_learner(run_dir: Path):
 
     try:
         learn = load_learner(path, cpu=not torch.cuda.is_available())
-    except Exception as e:  # noqa: BLE001 - a truncated or foreign file is the user's bad file, not our crash
+    except Exception as e:
         raise ModelFileError(f"{path}: cannot load the exported learner ({type(e).__name__}: {e})") from e
     learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])  # no bars in reports
     return learn
@@ -74,7 +74,11 @@ def evaluation_dl(learn, run_dir: Path, data: str | None, bs: int):
         d = get_data(cfg.replace(bs=bs, workers=0), stats, verbose=False)
         if list(d.vocab) != list(learn.dls.vocab):
             raise DataError(f"{d.root}: its classes differ from the model's ({', '.join(learn.dls.vocab)})")
-        return d.test_dl, f"test set of {d.root}", [p for p, _ in d.bad if Path(p).relative_to(d.root).parts[0] == "test"]
+        return (
+            d.test_dl,
+            f"test set of {d.root}",
+            [p for p, _ in d.bad if Path(p).relative_to(d.root).parts[0] == "test"],
+        )
     path = Path(data).expanduser()
     try:
         folder = resolve_data(data) / "test"  # a CIFAR-layout folder or a .tgz of one: its test split
@@ -177,18 +181,43 @@ def summary_line(r: dict) -> str:
 
 
 def markdown(r: dict, report_text: str) -> str:
-    lines = [f"# Evaluation of `{r['run']}`", "", f"Data: {r['data']} ({r['n']} images)", "", "| metric | value |", "|---|---|"]
-    lines += [f"| accuracy | {r['accuracy']:.4f} |", f"| loss | {r['loss']:.4f} |", f"| macro F1 | {r['macro_f1']:.4f} |"]
+    lines = [
+        f"# Evaluation of `{r['run']}`",
+        "",
+        f"Data: {r['data']} ({r['n']} images)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+    ]
+    lines += [
+        f"| accuracy | {r['accuracy']:.4f} |",
+        f"| loss | {r['loss']:.4f} |",
+        f"| macro F1 | {r['macro_f1']:.4f} |",
+    ]
     if "tta_accuracy" in r:
         lines.append(f"| TTA accuracy | {r['tta_accuracy']:.4f} |")
     if "attack" in r:
         a = r["attack"]
-        name = f"{a['attack'].upper()} eps {a['eps_255']:g}/255" + (f", {a['steps']} steps of {a['alpha'] * 255:g}/255" if "steps" in a else "")
-        lines += [f"| clean accuracy ({a['n']} images) | {a['clean_accuracy']:.4f} |", f"| robust accuracy, {name} | {a['robust_accuracy']:.4f} |"]
-    lines += ["", "## Per class", "", "```", report_text.rstrip(), "```", "", "## Most confused (actual, predicted, count)", ""]
+        name = f"{a['attack'].upper()} eps {a['eps_255']:g}/255" + (
+            f", {a['steps']} steps of {a['alpha'] * 255:g}/255" if "steps" in a else ""
+        )
+        lines += [
+            f"| clean accuracy ({a['n']} images) | {a['clean_accuracy']:.4f} |",
+            f"| robust accuracy, {name} | {a['robust_accuracy']:.4f} |",
+        ]
+    lines += [
+        "",
+        "## Per class",
+        "",
+        "```",
+        report_text.rstrip(),
+        "```",
+        "",
+        "## Most confused (actual, predicted, count)",
+        "",
+    ]
     lines += [f"- {a} -> {b}: {k}" for a, b, k in r["most_confused"]] or ["- none"]
     lines += ["", f"![confusion matrix]({r['confusion_matrix_png']})", ""]
     if r["skipped_files"]:
         lines += ["Skipped unreadable files: " + ", ".join(r["skipped_files"]), ""]
     return "\n".join(lines)
-

@@ -175,7 +175,9 @@ def sweep(
 ) -> SweepResult:
     """Train every planned configuration on every fold (or the hold-out) and rank them by mean validation accuracy."""
     if base.valid == "test":
-        raise SweepError("--valid test would select on the test set: a sweep uses --folds K or the --valid-pct hold-out")
+        raise SweepError(
+            "--valid test would select on the test set: a sweep uses --folds K or the --valid-pct hold-out"
+        )
     if base.folds == 1:
         raise SweepError("--folds 1 leaves nothing to validate on: use --folds 0 (hold-out) or 2 or more")
     space = [parse_param(p) for p in params]
@@ -186,8 +188,14 @@ def sweep(
     done = read_trials(trials_path)
     folds = list(range(base.folds)) if base.folds else [0]
     log = print if verbose else (lambda *a, **k: None)
-    log(f"sweep {sweep_dir}: {len(configs)} configuration(s) x {len(folds)} fold(s); validation: "
-        + (f"{base.folds}-fold cross-validation of the training images" if base.folds else f"hold-out {base.valid_pct:g}"))
+    log(
+        f"sweep {sweep_dir}: {len(configs)} configuration(s) x {len(folds)} fold(s); validation: "
+        + (
+            f"{base.folds}-fold cross-validation of the training images"
+            if base.folds
+            else f"hold-out {base.valid_pct:g}"
+        )
+    )
     ran = skipped = 0
     for i, values in enumerate(configs, 1):
         cfg = base.replace(**values)
@@ -209,8 +217,11 @@ def sweep(
     table = summarize(base, configs, folds, done)
     best = train_command(base.replace(**table[0]["params"])) if table and table[0]["mean"] is not None else ""
     write_outputs(sweep_dir, base, table, best, space)
-    log(f"best: {fmt_params(table[0]['params'])}  mean valid accuracy {table[0]['mean']:.4f} +- {table[0]['std']:.4f}"
-        if best else "no configuration finished without NaN loss")
+    log(
+        f"best: {fmt_params(table[0]['params'])}  mean valid accuracy {table[0]['mean']:.4f} +- {table[0]['std']:.4f}"
+        if best
+        else "no configuration finished without NaN loss"
+    )
     log(f"train it: {best}" if best else "")
     log(f"results: {sweep_dir / 'results.md'}, results.csv, sweep.png, best_command.txt")
     return SweepResult(sweep_dir, table, best, ran, skipped)
@@ -230,7 +241,9 @@ def summarize(base: TrainConfig, configs: list[dict], folds: list[int], done: di
         accs = [t["valid_accuracy"] for t in trials if t["valid_accuracy"] is not None]
         losses = [t["valid_loss"] for t in trials if t["valid_loss"] is not None]
         mean = sum(accs) / len(accs) if accs and len(accs) == len(trials) else None  # any NaN fold: not rankable
-        std = (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if mean is not None and len(accs) > 1 else 0.0
+        std = (
+            (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if mean is not None and len(accs) > 1 else 0.0
+        )
         rows.append({
             "key": key,
             "params": values,
@@ -275,8 +288,12 @@ def write_outputs(sweep_dir: Path, base: TrainConfig, table: list[dict], best: s
     md = [
         f"# Sweep `{sweep_dir}`",
         "",
-        "Validation: " + (f"{base.folds}-fold cross-validation of the training images (seed {base.seed})" if base.folds
-                          else f"seeded hold-out of {base.valid_pct:g} of the training images")
+        "Validation: "
+        + (
+            f"{base.folds}-fold cross-validation of the training images (seed {base.seed})"
+            if base.folds
+            else f"seeded hold-out of {base.valid_pct:g} of the training images"
+        )
         + ". The test set is never used. Mean and sample standard deviation of the final-epoch validation accuracy.",
         "",
         f"Base: `{train_command(base)}`",
@@ -286,12 +303,37 @@ def write_outputs(sweep_dir: Path, base: TrainConfig, table: list[dict], best: s
     ]
     for rank, r in enumerate(table, 1):
         vals = [r["params"][n] for n in names]
-        num = lambda v: "" if v is None else f"{v:.6g}"  # noqa: E731
-        lines.append(",".join(map(str, [rank, *vals, num(r["mean"]), num(r["std"]), r["folds"], num(r["mean_valid_loss"]), r["seconds"], r["key"]])))
+        num = lambda v: "" if v is None else f"{v:.6g}"
+        lines.append(
+            ",".join(
+                map(
+                    str,
+                    [
+                        rank,
+                        *vals,
+                        num(r["mean"]),
+                        num(r["std"]),
+                        r["folds"],
+                        num(r["mean_valid_loss"]),
+                        r["seconds"],
+                        r["key"],
+                    ],
+                )
+            )
+        )
         acc = "NaN loss" if r["mean"] is None else f"{r['mean']:.4f} +- {r['std']:.4f}"
         md.append(f"| {rank} | " + " | ".join(map(str, vals)) + f" | {acc} | {r['folds']} | {r['seconds']:.0f} |")
-    md += ["", "Best configuration, ready to train on all training images:", "", "```bash", best or "# none", "```", "",
-           "![sweep](sweep.png)", ""]
+    md += [
+        "",
+        "Best configuration, ready to train on all training images:",
+        "",
+        "```bash",
+        best or "# none",
+        "```",
+        "",
+        "![sweep](sweep.png)",
+        "",
+    ]
     (sweep_dir / "results.csv").write_text("\n".join(lines) + "\n")
     (sweep_dir / "results.md").write_text("\n".join(md))
     (sweep_dir / "best_command.txt").write_text(best + "\n")

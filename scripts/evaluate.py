@@ -1,12 +1,12 @@
 """Evaluate a finished run: accuracy, loss, per-class precision/recall/F1, confusion matrix, TTA, robust accuracy.
 
-    python scripts/evaluate.py runs/resnet18-20250101-120000
-    python scripts/evaluate.py runs/<name> --attack pgd --eps 8/255 --attack-n 500
-    python scripts/evaluate.py runs/<name> --data path/to/folder_of_class_folders
+python scripts/evaluate.py runs/resnet18-20250101-120000
+python scripts/evaluate.py runs/<name> --attack pgd --eps 8/255 --attack-n 500
+python scripts/evaluate.py runs/<name> --data path/to/folder_of_class_folders
 """
 
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Literal
 
 import typer
 
@@ -19,13 +19,20 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_mar
 @app.command(context_settings={"help_option_names": ["-h", "--help"]})
 def main(
     run: Path = typer.Argument(..., help="run folder (runs/<name>) with export.pkl and config.json"),
-    data: Optional[str] = typer.Option(
-        None, help="evaluate on this instead of the run's test set: a CIFAR-layout folder/.tgz (its test/) or a folder of class folders"
+    data: str | None = typer.Option(
+        None,
+        help="evaluate on this instead of the run's test set: a CIFAR-layout folder/.tgz (its test/) or a folder of class folders",
     ),
-    attack: Literal["none", "fgsm", "pgd"] = typer.Option("none", help="also report accuracy under this white-box attack"),
-    eps: float = typer.Option(DEFAULTS.eps, parser=fraction, show_default="8/255", help="attack radius, pixel space [0,1]"),
+    attack: Literal["none", "fgsm", "pgd"] = typer.Option(
+        "none", help="also report accuracy under this white-box attack"
+    ),
+    eps: float = typer.Option(
+        DEFAULTS.eps, parser=fraction, show_default="8/255", help="attack radius, pixel space [0,1]"
+    ),
     adv_steps: int = typer.Option(DEFAULTS.adv_steps, min=1, help="PGD steps"),
-    adv_alpha: float = typer.Option(DEFAULTS.adv_alpha, parser=fraction, show_default="2/255", help="PGD step size, pixel space"),
+    adv_alpha: float = typer.Option(
+        DEFAULTS.adv_alpha, parser=fraction, show_default="2/255", help="PGD step size, pixel space"
+    ),
     attack_n: int = typer.Option(1000, min=0, help="attack a seeded random subset of this many images (0 = all)"),
     tta: bool = typer.Option(True, help="also report test-time-augmentation accuracy (fastai learn.tta)"),
     bs: int = typer.Option(256, min=1, help="batch size"),

@@ -1,12 +1,11 @@
 """Hyperparameter search (grid or random) with k-fold cross-validation; resumable; the test set is never used.
 
-    python scripts/sweep.py --data sample --arch resnet18 --epochs 2 --folds 3 -p lr=1e-3,3e-3 -p wd=0.01,0.1
-    python scripts/sweep.py --data sample --random 8 -p lr=1e-4:1e-2:log -p crop-pad=0,2,4 -p arch=resnet18,resnet34
-    python scripts/sweep.py --data sample -p lr=1e-3,3e-3 --name my-sweep   # rerun the same command to resume
+python scripts/sweep.py --data sample --arch resnet18 --epochs 2 --folds 3 -p lr=1e-3,3e-3 -p wd=0.01,0.1
+python scripts/sweep.py --data sample --random 8 -p lr=1e-4:1e-2:log -p crop-pad=0,2,4 -p arch=resnet18,resnet34
+python scripts/sweep.py --data sample -p lr=1e-3,3e-3 --name my-sweep   # rerun the same command to resume
 """
 
 import inspect
-from typing import Optional
 
 import typer
 
@@ -21,7 +20,7 @@ EXTRA = [
             None, "--param", "-p",
             help="a searched option: name=v1,v2 (grid) or name=low:high[:log] (random), e.g. lr=1e-3,3e-3; repeat it",
         ),
-        annotation=Optional[list[str]],
+        annotation=list[str] | None,
     ),
     inspect.Parameter(
         "random",
@@ -38,7 +37,7 @@ EXTRA = [
 ]  # fmt: skip
 
 
-def sweep_command(param: Optional[list[str]] = None, random: int = 0, **kwargs) -> None:
+def sweep_command(param: list[str] | None = None, random: int = 0, **kwargs) -> None:
     """Grid or random search over any scripts/train.py option, ranked by mean validation accuracy over the folds
     (--folds K) or the hold-out; writes results.csv/.md, sweep.png and the best scripts/train.py command."""
     from cifar_fastai.sweep import sweep

@@ -18,7 +18,6 @@ from cifar_fastai.train import train
 from cifar_fastai.transforms import cifar_stats
 
 
-
 def test_pgd_and_fgsm_stay_in_eps_ball_and_pixel_range():
     torch.manual_seed(0)
     model = get_arch("tiny").builder(n_out=10).eval()
@@ -99,7 +98,9 @@ def test_adversarial_training_end_to_end(tiny_data, tmp_path):
 def test_adversarial_options_accept_fractions(monkeypatch):
     seen = {}
     monkeypatch.setattr("cifar_fastai.train.train", lambda cfg: seen.setdefault("cfg", cfg))
-    res = CliRunner().invoke(train_app, ["--adv", "fgsm", "--eps", "4/255", "--adv-alpha", "0.01", "--adv-ratio", "0.5"])
+    res = CliRunner().invoke(
+        train_app, ["--adv", "fgsm", "--eps", "4/255", "--adv-alpha", "0.01", "--adv-ratio", "0.5"]
+    )
     assert res.exit_code == 0, res.output
     cfg = seen["cfg"]
     assert cfg.adv == "fgsm" and cfg.eps == 4 / 255 and cfg.adv_alpha == 0.01 and cfg.adv_ratio == 0.5
