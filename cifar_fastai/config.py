@@ -69,18 +69,43 @@ class TrainConfig:
     name: str | None = opt(None, "run folder name (default: <arch>-<timestamp>)")
     lr_find: bool = opt(False, "run learn.lr_find(), save lr_find.png, print the suggestions and stop")
     # --- fine-tuning and transfer (issue 5) ---
+    train_per_class: int | None = opt(None, "keep at most N training images per class (seeded): low-data runs and quick budgets", min=1)
     # --- training toolkit: logging, checkpoints, regularization, adversarial (issue 7) ---
     # adversarial training (Goodfellow et al. 2015 FGSM; Madry et al. 2018 PGD): perturbations in pixel space [0, 1]
-    adv: str = opt("none", "adversarial training: replace training batches by FGSM or PGD attacks", choices=("none", "fgsm", "pgd"))
-    eps: float = opt(8 / 255, "attack radius (L-inf, pixel space [0,1]); fractions accepted: 8/255 (Madry et al.)", parser=fraction, show="8/255")
+    adv: str = opt(
+        "none", "adversarial training: replace training batches by FGSM or PGD attacks", choices=("none", "fgsm", "pgd")
+    )
+    eps: float = opt(
+        8 / 255,
+        "attack radius (L-inf, pixel space [0,1]); fractions accepted: 8/255 (Madry et al.)",
+        parser=fraction,
+        show="8/255",
+    )
     adv_steps: int = opt(7, "PGD steps (7: Madry et al.'s CIFAR-10 training attack)", min=1)
     adv_alpha: float = opt(2 / 255, "PGD step size in pixel space (2/255: Madry et al.)", parser=fraction, show="2/255")
-    adv_ratio: float = opt(1.0, "fraction of each training batch replaced by its adversarial version (0.5: Goodfellow et al.'s mix)", min=0.0, max=1.0)
+    adv_ratio: float = opt(
+        1.0, "fraction of each training batch made adversarial (0.5: Goodfellow et al.'s mix)", min=0.0, max=1.0
+    )
     # augmentation strength and cross-validation folds (used by scripts/sweep.py)
-    crop_pad: int = opt(4, "reflect-pad before the random 32x32 crop (augmentation strength; 0 = flip only)", min=0, max=16)
-    folds: int = opt(0, "k-fold cross-validation of the training images: seeded folds, one held out (0 = --valid-pct hold-out)", min=0)
+    crop_pad: int = opt(
+        4, "reflect-pad before the random 32x32 crop (augmentation strength; 0 = flip only)", min=0, max=16
+    )
+    folds: int = opt(
+        0, "k-fold cross-validation of the training images: seeded folds, one held out (0: --valid-pct hold-out)", min=0
+    )
     fold: int = opt(0, "which of the --folds is the validation fold (0 ... folds-1)", min=0)
     # --- hardware: device and precision (issue 9) ---
+    device: str = opt(
+        "auto", "'auto': fastai's default_device() (CUDA GPU, else Apple MPS, else CPU); or force cpu, cuda or mps",
+        choices=("auto", "cpu", "cuda", "mps"),
+    )
+    precision: str = opt(
+        "auto",
+        "'fp16' (CUDA, fastai to_fp16), 'bf16' (Ampere+ GPUs; CPU autocast), 'fp32'; 'auto': bf16 on GPUs that have "
+        "it, else fp16 on CUDA, fp32 on CPUs without AMX (bf16 measured slower there) and on mps",
+        choices=("auto", "fp32", "fp16", "bf16"),
+    )
+    channels_last: bool = opt(False, "NHWC memory layout for model and batches (pays on GPUs with mixed precision)")
     # --- fast CPU recipes (issue 10) ---
 
     def replace(self, **changes: Any) -> TrainConfig:

@@ -235,14 +235,27 @@ def split_indices(index: ImageIndex, cfg: TrainConfig) -> tuple[np.ndarray, np.n
     """(train, valid, test) positions into `index.files`; the hold-out is seeded and drawn from training images only."""
     train_pool, test = index.split(False), index.split(True)
     if cfg.valid == "test":
-        return train_pool, test, test
-    if cfg.folds:  # k-fold cross-validation (issue 7): seeded folds of the training images, fold `cfg.fold` held out
+        train, valid = train_pool, test
+    elif cfg.folds:  # k-fold cross-validation (issue 7): seeded folds of the training images, fold `cfg.fold` held out
         if cfg.folds < 2 or not 0 <= cfg.fold < cfg.folds or cfg.folds > len(train_pool):
-            raise DataError(f"--folds {cfg.folds} --fold {cfg.fold}: need 2 <= folds <= {len(train_pool)} and 0 <= fold < folds")
+            raise DataError(
+                f"--folds {cfg.folds} --fold {cfg.fold}: need 2 <= folds <= {len(train_pool)} and 0 <= fold < folds"
+            )
         va = np.array_split(np.random.default_rng(cfg.seed).permutation(len(train_pool)), cfg.folds)[cfg.fold]
-        return np.delete(train_pool, va), train_pool[np.sort(va)], test
-    tr, va = RandomSplitter(valid_pct=cfg.valid_pct, seed=cfg.seed)(train_pool)
-    return train_pool[np.sort(np.asarray(tr))], train_pool[np.sort(np.asarray(va))], test
+        train, valid = np.delete(train_pool, va), train_pool[np.sort(va)]
+    else:
+        tr, va = RandomSplitter(valid_pct=cfg.valid_pct, seed=cfg.seed)(train_pool)
+        train, valid = train_pool[np.sort(np.asarray(tr))], train_pool[np.sort(np.asarray(va))]
+    if cfg.train_per_class:
+        train = per_class_subset(train, index.labels, cfg.train_per_class, cfg.seed)
+    return train, valid, test
+
+
+def per_class_subset(positions: np.ndarray, labels: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """At most `n` positions per class, drawn with `seed` (after the hold-out, so validation is unchanged)."""
+    rng = np.random.default_rng(seed)
+    keep = [rng.permutation(positions[labels[positions] == c])[:n] for c in np.unique(labels[positions])]
+    return np.sort(np.concatenate(keep))
 
 
 def get_data(cfg: TrainConfig, stats: tuple[list[float], list[float]] = cifar_stats, verbose: bool = True) -> CifarData:
@@ -267,15 +280,17 @@ def get_data(cfg: TrainConfig, stats: tuple[list[float], list[float]] = cifar_st
     )
 
 
-def default_workers(loader: str) -> int:
-    # Tensor batches cost ~1 ms: a worker process would only fight the 2 OpenMP threads (measured: bench/).
-    return 0 if loader == "tensor" else min(1, (os.cpu_count() or 1) - 1)
+def default_workers(loader: str, cfg: TrainConfig | None = None) -> int:
+    """Workers that suit the loader and the device `cfg` resolves to (see `hardware.default_workers`)."""
+    from . import hardware
+
+    return hardware.default_workers(loader, hardware.resolve_device(cfg.device if cfg else "cpu").type)
 
 
 def _tensor_dls(index, train, valid, test, cfg, stats):
     images = torch.from_numpy(index.images).permute(0, 3, 1, 2)  # NCHW view of the NHWC cache, no copy
     labels = torch.from_numpy(index.labels.astype(np.int64))
-    workers = cfg.workers if cfg.workers is not None else default_workers("tensor")
+    workers = cfg.workers if cfg.workers is not None else default_workers("tensor", cfg)
 
     def dl(idx, split_idx, train_mode):
         ds = TensorImageSet(images, labels, idx, index.vocab, split_idx)
@@ -306,8 +321,10 @@ def datablock(vocab: list[str], valid_idx, size: int, stats, pad: int = 4) -> Da
 def _datablock_dls(index, train, valid, test, cfg, stats):
     items = [index.files[i] for i in np.concatenate([train, valid])]
     valid_pos = list(range(len(train), len(train) + len(valid)))
-    workers = cfg.workers if cfg.workers is not None else default_workers("datablock")
-    dls = datablock(index.vocab, valid_pos, cfg.size, stats, cfg.crop_pad).dataloaders(items, bs=cfg.bs, num_workers=workers)
+    workers = cfg.workers if cfg.workers is not None else default_workers("datablock", cfg)
+    dls = datablock(index.vocab, valid_pos, cfg.size, stats, cfg.crop_pad).dataloaders(
+        items, bs=cfg.bs, num_workers=workers
+    )
     test_dl = dls.test_dl([index.files[i] for i in test], with_labels=True)
     return dls, test_dl
 

@@ -18,17 +18,12 @@ from .report import Interpretation
 from .train import write_json
 
 
-def load_run_learner(run_dir: Path):
-    """The run's exported learner. `export.pkl` is a pickle: loading it runs code, so evaluate only runs you trust."""
-    path = run_dir / "export.pkl"
-    if not path.is_file():
-        raise ModelFileError(f"{run_dir}: no export.pkl (did the run finish?)")
-    from fastai.learner import load_learner
+def load_run_learner(run_dir: Path, trust_pickle: bool = False):
+    """The run's model: `model.json` + `model.safetensors` (no code runs on load) with its inference pipeline; a run
+    that has only `export.pkl` needs `trust_pickle=True`, since unpickling runs whatever code the file holds."""
+    from .safe import load
 
-    try:
-        learn = load_learner(path, cpu=not torch.cuda.is_available())
-    except Exception as e:
-        raise ModelFileError(f"{path}: cannot load the exported learner ({type(e).__name__}: {e})") from e
+    learn = load(run_dir, trust_pickle=trust_pickle)
     learn.remove_cbs([cb for cb in learn.cbs if type(cb).__name__ == "ProgressCallback"])  # no bars in reports
     return learn
 
@@ -95,7 +90,7 @@ def classification_report(targs: torch.Tensor, decoded: torch.Tensor, vocab: lis
     """Per-class precision/recall/F1 as fastai's `print_classification_report` computes them (sklearn)."""
     from sklearn.metrics import classification_report as report
 
-    kw = dict(labels=list(range(len(vocab))), target_names=list(vocab), zero_division=0, digits=4)
+    kw = {"labels": list(range(len(vocab))), "target_names": list(vocab), "zero_division": 0, "digits": 4}
     return report(targs, decoded, output_dict=True, **kw), report(targs, decoded, **kw)
 
 
@@ -109,6 +104,7 @@ def evaluate(
     attack_n: int | None = 1000,
     tta: bool = True,
     bs: int = 256,
+    trust_pickle: bool = False,
     verbose: bool = True,
 ) -> dict:
     """Evaluate `runs/<name>` and write `evaluation.json`, `evaluation.md` and a confusion matrix PNG into it."""
@@ -116,7 +112,7 @@ def evaluate(
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ModelFileError(f"{run_dir}: no such run folder")
-    learn = load_run_learner(run_dir)
+    learn = load_run_learner(run_dir, trust_pickle)
     vocab = list(learn.dls.vocab)
     dl, source, skipped = evaluation_dl(learn, run_dir, data, bs)
     stem = "evaluation" if data is None else f"evaluation-{slug(source)}"

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -13,6 +12,7 @@ import torch
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
+from . import hardware
 from .adversarial import adversarial_callback
 from .archs import get_arch
 from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
@@ -21,6 +21,7 @@ from .data import CifarData, get_data, inference_dls
 from .errors import TrainingError
 from .learner import create_learner, norm_stats
 from .report import Interpretation
+from .safe import save_model
 
 
 @dataclass
@@ -64,7 +65,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def setup_runtime(cfg: TrainConfig) -> None:
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    hardware.setup(cfg)  # issue 9: impossible --device/--precision stop here, before data loads; sets threads
     set_seed(cfg.seed)  # before the DataLoaders: the hold-out split and the first shuffles depend on it
 
 
@@ -73,6 +74,9 @@ def prepare(cfg: TrainConfig, run_dir: Path, verbose: bool = True):
     setup_runtime(cfg)
     data = get_data(cfg, norm_stats(cfg, get_arch(cfg.arch)), verbose=verbose)
     learn = create_learner(cfg, data, path=run_dir)
+    rt = hardware.place(learn, data, cfg)  # issue 9: model + DataLoaders onto the chosen device
+    if verbose:
+        print(rt.line(cfg), flush=True)
     if not sys.stdout.isatty():
         learn.remove_cb(learn.progress)  # no progress bars in logs; PlainProgress prints one line per epoch
         learn.logger = noop
@@ -95,6 +99,7 @@ def describe(cfg: TrainConfig, data: CifarData) -> dict:
             "arch_kind": get_arch(cfg.arch).kind,
             "base_lr": cfg.base_lr,
             "threads": torch.get_num_threads(),
+            "hardware": hardware.runtime(cfg, data.dls).to_dict(),  # issue 9
         },
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -110,6 +115,7 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
     if (adv := adversarial_callback(cfg)) is not None:
         cbs.append(adv)
     # --- issue 9: precision ---
+    cbs += hardware.callbacks(cfg)
     # --- issue 10: fast recipes ---
     return cbs
 
@@ -169,6 +175,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     test = interp.summary()
     interp.save_confusion_matrix(run_dir / "confusion_matrix.png", title=f"{cfg.arch}: test set")
     export(learn, data, run_dir, data.example)
+    save_model(learn, cfg, data.vocab, data.stats, learn_size(learn, data), run_dir)  # issue 6: the pickle-free twin
     metrics = {
         "valid_loss": float(valid_loss),
         "valid_accuracy": float(valid_metrics[0]),
@@ -187,7 +194,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
         f"valid accuracy {metrics['valid_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "
         f"({metrics['train_images_per_s']:.0f} train images/s, {metrics['wall_seconds']:.0f} s)"
     )
-    log(f"results in {run_dir}: export.pkl, config.json, metrics.json, history.csv, confusion_matrix.png")
+    log(f"results in {run_dir}: export.pkl, model.json + model.safetensors, config.json, metrics.json, history.csv, confusion_matrix.png")
     return RunResult(run_dir, metrics)
 
 

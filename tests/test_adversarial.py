@@ -6,10 +6,9 @@ import json
 
 import torch
 from fastai.callback.core import Callback, CancelTrainException
-from fastai.learner import load_learner
 from typer.testing import CliRunner
 
-from cifar_fastai import TrainConfig, get_data
+from cifar_fastai import TrainConfig, get_data, load_model
 from cifar_fastai.adversarial import AdversarialTraining, fgsm, normalize_stats, pgd, robust_accuracy, to_pixels
 from cifar_fastai.archs import get_arch
 from cifar_fastai.cli import train_app
@@ -35,7 +34,7 @@ def test_pgd_and_fgsm_stay_in_eps_ball_and_pixel_range():
 
 
 def test_attack_lowers_accuracy_of_undefended_model(tiny_run):
-    learn = load_learner(tiny_run / "export.pkl")
+    learn = load_model(tiny_run)  # the safe model.json + safetensors of the run
     data = get_data(TrainConfig.from_json(tiny_run / "config.json"), verbose=False)
     # tiny's classes are 10 far-apart colours: it takes a large radius (32/255) to cross between them
     fgsm_res = robust_accuracy(learn.model, data.test_dl, "fgsm", 32 / 255)

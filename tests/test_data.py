@@ -36,6 +36,15 @@ def test_splits_sizes_and_disjointness(tiny_data):
     assert not np.array_equal(valid, split_indices(index, cfg.replace(seed=1))[1])
 
 
+def test_train_per_class_keeps_validation(tiny_data):
+    cfg = TrainConfig(data=str(tiny_data), valid_pct=0.2)
+    index = index_images(tiny_data)
+    full = split_indices(index, cfg)
+    train, valid, test = split_indices(index, cfg.replace(train_per_class=5))
+    assert np.array_equal(valid, full[1]) and np.array_equal(test, full[2])
+    assert set(train) <= set(full[0]) and np.bincount(index.labels[train]).tolist() == [5] * 10
+
+
 def test_valid_test_convention(tiny_data):
     d = get_data(TrainConfig(data=str(tiny_data), valid="test", bs=16), verbose=False)
     assert d.valid_is_test and d.n_valid == d.n_test == 100 and d.n_train == 300
