@@ -41,9 +41,11 @@ def config_parameters(cls=TrainConfig, exclude: tuple[str, ...] = ()) -> list[in
             continue
         meta = dict(f.metadata)
         kw: dict = {"help": meta.get("help", ""), "show_default": True}
-        for key in ("min", "max"):
+        for key in ("min", "max", "parser"):
             if key in meta:
                 kw[key] = meta[key]
+        if "show" in meta:  # e.g. eps shows 8/255, not 0.03137254901960784
+            kw["show_default"] = meta["show"]
         annotation = hints[f.name]
         if "choices" in meta:
             annotation = typing.Literal[tuple(meta["choices"])]  # typer shows and checks Literal choices

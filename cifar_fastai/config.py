@@ -9,6 +9,18 @@ from pathlib import Path
 from typing import Any
 
 
+def fraction(text: str | float) -> float:
+    """A pixel-space amount in [0, 1] written as a number or a fraction: '8/255', '0.03'."""
+    if isinstance(text, (int, float)):
+        value = float(text)
+    else:
+        num, _, den = str(text).partition("/")
+        value = float(num) / float(den) if den else float(num)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{text} is outside [0, 1] (pixel space): write e.g. 8/255")
+    return value
+
+
 def opt(default: Any, help: str, **extra: Any) -> Any:
     """A config field with its CLI help (and typer extras such as `min=`, `choices=`) in the metadata."""
     return field(default=default, metadata={"help": help, **extra})
@@ -65,6 +77,29 @@ class TrainConfig:
     # --- fine-tuning and transfer (issue 5) ---
     train_per_class: int | None = opt(None, "keep at most N training images per class (seeded): low-data runs and quick budgets", min=1)
     # --- training toolkit: logging, checkpoints, regularization, adversarial (issue 7) ---
+    # adversarial training (Goodfellow et al. 2015 FGSM; Madry et al. 2018 PGD): perturbations in pixel space [0, 1]
+    adv: str = opt(
+        "none", "adversarial training: replace training batches by FGSM or PGD attacks", choices=("none", "fgsm", "pgd")
+    )
+    eps: float = opt(
+        8 / 255,
+        "attack radius (L-inf, pixel space [0,1]); fractions accepted: 8/255 (Madry et al.)",
+        parser=fraction,
+        show="8/255",
+    )
+    adv_steps: int = opt(7, "PGD steps (7: Madry et al.'s CIFAR-10 training attack)", min=1)
+    adv_alpha: float = opt(2 / 255, "PGD step size in pixel space (2/255: Madry et al.)", parser=fraction, show="2/255")
+    adv_ratio: float = opt(
+        1.0, "fraction of each training batch made adversarial (0.5: Goodfellow et al.'s mix)", min=0.0, max=1.0
+    )
+    # augmentation strength and cross-validation folds (used by scripts/sweep.py)
+    crop_pad: int = opt(
+        4, "reflect-pad before the random 32x32 crop (augmentation strength; 0 = flip only)", min=0, max=16
+    )
+    folds: int = opt(
+        0, "k-fold cross-validation of the training images: seeded folds, one held out (0: --valid-pct hold-out)", min=0
+    )
+    fold: int = opt(0, "which of the --folds is the validation fold (0 ... folds-1)", min=0)
     # --- hardware: device and precision (issue 9) ---
     device: str = opt(
         "auto", "'auto': fastai's default_device() (CUDA GPU, else Apple MPS, else CPU); or force cpu, cuda or mps",

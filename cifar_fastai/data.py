@@ -23,8 +23,8 @@ from PIL import Image
 
 from .config import TrainConfig
 from .errors import DataError
-from .transforms import batch_tfms_for, cifar_stats
 from .tensor_loader import TensorDL, TensorImageSet
+from .transforms import batch_tfms_for, cifar_stats
 
 SAMPLE_DIR = Path(__file__).parent / "sample" / "cifar10_sample"
 NATIVE_SIZE = 32  # CIFAR images are 32x32; the DataBlock path resizes anything else to this first
@@ -236,6 +236,13 @@ def split_indices(index: ImageIndex, cfg: TrainConfig) -> tuple[np.ndarray, np.n
     train_pool, test = index.split(False), index.split(True)
     if cfg.valid == "test":
         train, valid = train_pool, test
+    elif cfg.folds:  # k-fold cross-validation (issue 7): seeded folds of the training images, fold `cfg.fold` held out
+        if cfg.folds < 2 or not 0 <= cfg.fold < cfg.folds or cfg.folds > len(train_pool):
+            raise DataError(
+                f"--folds {cfg.folds} --fold {cfg.fold}: need 2 <= folds <= {len(train_pool)} and 0 <= fold < folds"
+            )
+        va = np.array_split(np.random.default_rng(cfg.seed).permutation(len(train_pool)), cfg.folds)[cfg.fold]
+        train, valid = np.delete(train_pool, va), train_pool[np.sort(va)]
     else:
         tr, va = RandomSplitter(valid_pct=cfg.valid_pct, seed=cfg.seed)(train_pool)
         train, valid = train_pool[np.sort(np.asarray(tr))], train_pool[np.sort(np.asarray(va))]
@@ -292,7 +299,7 @@ def _tensor_dls(index, train, valid, test, cfg, stats):
             bs=cfg.bs,
             shuffle=train_mode,
             drop_last=train_mode,
-            after_batch=batch_tfms_for(cfg.size, stats),
+            after_batch=batch_tfms_for(cfg.size, stats, pad=cfg.crop_pad),
             num_workers=workers,
         )
 
@@ -300,14 +307,14 @@ def _tensor_dls(index, train, valid, test, cfg, stats):
     return dls, dl(test, 1, False)
 
 
-def datablock(vocab: list[str], valid_idx, size: int, stats) -> DataBlock:
+def datablock(vocab: list[str], valid_idx, size: int, stats, pad: int = 4) -> DataBlock:
     """The general fastai path: any folder of images, resized to 32 px per item, then the same batch transforms."""
     return DataBlock(
         blocks=(ImageBlock, CategoryBlock(vocab=vocab)),
         get_y=parent_label,
         splitter=IndexSplitter(valid_idx),
         item_tfms=Resize(NATIVE_SIZE),
-        batch_tfms=batch_tfms_for(size, stats),
+        batch_tfms=batch_tfms_for(size, stats, pad=pad),
     )
 
 
@@ -315,7 +322,9 @@ def _datablock_dls(index, train, valid, test, cfg, stats):
     items = [index.files[i] for i in np.concatenate([train, valid])]
     valid_pos = list(range(len(train), len(train) + len(valid)))
     workers = cfg.workers if cfg.workers is not None else default_workers("datablock", cfg)
-    dls = datablock(index.vocab, valid_pos, cfg.size, stats).dataloaders(items, bs=cfg.bs, num_workers=workers)
+    dls = datablock(index.vocab, valid_pos, cfg.size, stats, cfg.crop_pad).dataloaders(
+        items, bs=cfg.bs, num_workers=workers
+    )
     test_dl = dls.test_dl([index.files[i] for i in test], with_labels=True)
     return dls, test_dl
 

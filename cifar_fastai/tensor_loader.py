@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from fastai.data.core import TfmdDL
@@ -21,6 +23,15 @@ class TensorImageSet:
 
     def __getitem__(self, i: int) -> int:
         return i
+
+    @contextmanager
+    def set_split_idx(self, i: int):
+        """fastai's `Datasets.set_split_idx`: `learn.tta` switches to the training (augmenting) transforms with it."""
+        old, self.split_idx = self.split_idx, i
+        try:
+            yield self
+        finally:
+            self.split_idx = old
 
 
 class TensorDL(TfmdDL):

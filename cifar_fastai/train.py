@@ -14,6 +14,7 @@ from fastcore.basics import noop
 
 from . import hardware
 from . import distributed
+from .adversarial import adversarial_callback
 from .archs import get_arch
 from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
 from .config import TrainConfig
@@ -116,6 +117,8 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
     # --- issue 8: multi-process (a simulated rank failure, for the tests) ---
     cbs += distributed.fault_injection_cbs()
     # --- issue 7: tensorboard, checkpoints, early stopping, regularization, adversarial ---
+    if (adv := adversarial_callback(cfg)) is not None:
+        cbs.append(adv)
     # --- issue 9: precision ---
     cbs += hardware.callbacks(cfg)
     # --- issue 10: fast recipes ---
