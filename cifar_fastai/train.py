@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from fastai.learner import save_model
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
@@ -18,6 +19,7 @@ from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
 from .config import TrainConfig
 from .data import CifarData, get_data, inference_dls
 from .errors import TrainingError
+from .finetune import FineTuneReport, fine_tune, resolve_init_from
 from .learner import create_learner, norm_stats
 from .report import Interpretation
 
@@ -105,6 +107,9 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
     cbs = [HistoryLogger(run_dir.resolve() / "history.csv")]
     if not sys.stdout.isatty():
         cbs.append(PlainProgress())
+    # --- issue 5: fine-tuning report ---
+    if cfg.fine_tuning:
+        cbs.append(FineTuneReport(run_dir.resolve(), cfg.init_from or cfg.weights or "ImageNet weights"))
     # --- issue 7: tensorboard, checkpoints, early stopping, regularization, adversarial ---
     # --- issue 9: precision ---
     # --- issue 10: fast recipes ---
@@ -114,7 +119,7 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
 def fit(learn, cfg: TrainConfig, cbs: list) -> None:
     """Pretrained weights -> `fine_tune` (frozen head, then discriminative rates); from scratch -> `fit_one_cycle`."""
     if cfg.fine_tuning:
-        learn.fine_tune(cfg.epochs, cfg.base_lr, freeze_epochs=cfg.freeze_epochs, cbs=cbs)
+        fine_tune(learn, cfg, cbs)  # fastai's fine_tune with the freezing choice (finetune.py)
     else:
         learn.fit_one_cycle(cfg.epochs, cfg.base_lr, cbs=cbs)
 
@@ -140,6 +145,7 @@ def learn_size(learn, data: CifarData) -> int:
 def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     """Train (or fine-tune), evaluate once on the test set, export; everything lands in one run folder."""
     t0 = time.perf_counter()
+    cfg = resolve_init_from(cfg)  # --init-from RUN: that run's arch and weights file (issue 5)
     run_dir = make_run_dir(cfg)
     log = print if verbose else noop
     log(f"run folder: {run_dir}")
@@ -166,6 +172,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     test = interp.summary()
     interp.save_confusion_matrix(run_dir / "confusion_matrix.png", title=f"{cfg.arch}: test set")
     export(learn, data, run_dir, data.example)
+    save_model(run_dir / "model.pth", learn.model, None, with_opt=False)  # state dict for --init-from, no pickle (issue 5)
     metrics = {
         "valid_loss": float(valid_loss),
         "valid_accuracy": float(valid_metrics[0]),
@@ -193,6 +200,7 @@ def lr_find(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     import matplotlib.pyplot as plt
     from fastai.callback.schedule import minimum, slide, steep, valley
 
+    cfg = resolve_init_from(cfg)
     run_dir = make_run_dir(cfg.replace(name=cfg.name or f"lr-find-{cfg.arch.replace('/', '-')}"))
     _, learn = prepare(cfg, run_dir, verbose)
     res = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
