@@ -240,7 +240,7 @@ def test_freeze_to_last_groups_and_discriminative_rates_in_the_optimizer(tiny_da
     lr, lr_mult = 1e-2, 10.0
     cfg, data, learn = learner_for(
         TrainConfig(data=str(tiny_data), arch="resnet18", weights=str(tmp_path / "resnet18.pth"), freeze="head",
-                    trainable_groups=2, lr_mult=lr_mult, lr=lr, freeze_epochs=1, epochs=1, bs=32)
+                    trainable_groups=2, lr_mult=lr_mult, lr=lr, freeze_epochs=1, epochs=1, bs=16, classes="cat,dog,frog")
     )  # fmt: skip
     snap, report = Snapshots(), FineTuneReport(tmp_path)
     fine_tune(learn, cfg, [snap, report])
@@ -253,7 +253,7 @@ def test_freeze_to_last_groups_and_discriminative_rates_in_the_optimizer(tiny_da
     for lrs in snap.batch_lrs[1]:  # what the optimizer's parameter groups really held, batch by batch
         assert lrs[0] / lrs[2] == pytest.approx(1 / lr_mult) and lrs[1] / lrs[2] == pytest.approx(1 / np.sqrt(lr_mult))
         assert lrs[2] <= lr / 2 * (1 + 1e-9)
-    assert max(lrs[2] for lrs in snap.batch_lrs[1]) > lr / 2 * 0.8, "the schedule reaches (near) its peak"
+    assert max(lrs[2] for lrs in snap.batch_lrs[1]) > lr / 2 * 0.5, "the schedule rises towards its peak"
 
 
 # --------------------------------------------------------------------------------------- transfer: --init-from
@@ -280,3 +280,20 @@ def test_init_from_a_run_on_other_classes(tiny_data, tiny_run, tmp_path):
     md = (res.run_dir / "finetune.md").read_text()
     assert "before fine-tuning" in md and "after the frozen phase" in md and "after unfreezing" in md
     assert (res.run_dir / "finetune.png").stat().st_size > 0
+
+
+def test_transfer_study_writes_a_table_of_both_arms(tiny_data, tmp_path):
+    from cifar_fastai.transfer import transfer_study
+
+    study = transfer_study(
+        str(tiny_data), per_class=(10,), pretrain_epochs=1, budget_images=100, max_epochs=2, bs=16, out=str(tmp_path),
+        verbose=False,
+    )  # fmt: skip
+    result = json.loads((study / "study.json").read_text())
+    (cell,) = result["cells"]
+    assert cell["n_train"] == 50 and cell["epochs"] == 2, "10 images x 5 target classes, 2 epochs for both arms"
+    for arm in ("scratch", "finetuned"):
+        assert 0 <= cell[arm]["test_accuracy"] <= 1 and cell[arm]["fit_seconds"] > 0
+    ft_config = json.loads((tmp_path / study.name / "finetune-10" / "config.json").read_text())["config"]
+    assert ft_config["init_from"].endswith("pretrain") and ft_config["classes"] == result["target_classes"]
+    assert "| 10 | 50 | 2 |" in (study / "study.md").read_text()
