@@ -19,7 +19,6 @@ from .errors import TrainingError, WeightsError
 # A run folder's weights, safest first: issue 6's safetensors export, then `learn.save`'s state dict (read with
 # torch.load(weights_only=True)). `export.pkl` is never read for weights: unpickling it runs code.
 WEIGHTS_FILES = ("model.safetensors", "model.pth")
-REPORT_FILES = ("finetune.md", "finetune.png", "finetune.json")
 
 
 # ------------------------------------------------------------------------------------------ weights from our runs
@@ -56,10 +55,16 @@ def weights_cache_hint(arch) -> str:
         from torchvision.models import get_model_weights
 
         name = Path(get_model_weights(arch.builder).DEFAULT.url).name
-        return str(Path(torch.hub.get_dir()) / "checkpoints" / name) + " (torchvision's cache: $TORCH_HOME/hub/checkpoints)"
+        return (
+            str(Path(torch.hub.get_dir()) / "checkpoints" / name)
+            + " (torchvision's cache: $TORCH_HOME/hub/checkpoints)"
+        )
     from huggingface_hub import constants
 
-    return f"{constants.HF_HUB_CACHE} (the Hugging Face cache timm reads: $HF_HOME/hub; HF_HUB_OFFLINE=1 to stay offline)"
+    return (
+        f"{constants.HF_HUB_CACHE} (the Hugging Face cache timm reads: $HF_HOME/hub; HF_HUB_OFFLINE=1 to stay offline)"
+    )
+
 
 def source_run(cfg: TrainConfig) -> Path | None:
     """The run folder the starting weights come from (`--init-from`, or `--weights` inside a run folder), if any."""
@@ -244,8 +249,10 @@ def markdown(res: dict) -> str:
         "",
         "| stage | trains | epochs | peak lr per layer group | valid accuracy | valid loss |",
         "|---|---|---:|---|---:|---:|",
-        f"| before fine-tuning (pretrained body, new untrained head) | - | 0 | - | "
-        f"{res['before']['valid_accuracy']:.4f} | {res['before']['valid_loss']:.4f} |",
+        (
+            f"| before fine-tuning (pretrained body, new untrained head) | - | 0 | - | "
+            f"{res['before']['valid_accuracy']:.4f} | {res['before']['valid_loss']:.4f} |"
+        ),
     ]
     for ph in res["phases"]:
         stage = "after the frozen phase" if ph["name"] == "frozen" else "after unfreezing"
@@ -266,8 +273,10 @@ def markdown(res: dict) -> str:
         lines.append(f"| {g['group']} ({g['role']}) | {g['parameters']:,} | {phases} | {g['total_change']:.4f} |")
     lines += [
         "",
-        "The head starts from random weights, so its change is large by construction; the body groups show how much "
-        "fine-tuning changed the pretrained features (0 while a group is frozen).",
+        (
+            "The head starts from random weights, so its change is large by construction; the body groups show how much "
+            "fine-tuning changed the pretrained features (0 while a group is frozen)."
+        ),
         "",
     ]
     return "\n".join(lines)
@@ -278,6 +287,7 @@ def plot(res: dict, path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     stages = ["before"] + [f"after {ph['name']}" for ph in res["phases"]]
     accs = [res["before"]["valid_accuracy"]] + [ph["valid_accuracy"] for ph in res["phases"]]
@@ -301,4 +311,3 @@ def plot(res: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
-

@@ -121,12 +121,16 @@ def transfer_study(
 def table(result: dict) -> str:
     pre = result["pretrain"]
     lines = [
-        f"Pretrained: {result['arch']} (width {result['width']}) on {result['source_classes']}, {pre['epochs']} epochs, "
-        f"test accuracy {pre['test_accuracy']:.4f}, {pre['wall_seconds']:.0f} s (paid once). "
-        f"Target task: {result['target_classes']}; accuracy on the test images of those classes.",
+        (
+            f"Pretrained: {result['arch']} (width {result['width']}) on {result['source_classes']}, {pre['epochs']} epochs, "
+            f"test accuracy {pre['test_accuracy']:.4f}, {pre['wall_seconds']:.0f} s (paid once). "
+            f"Target task: {result['target_classes']}; accuracy on the test images of those classes."
+        ),
         "",
-        "| images per class | train images | epochs | from scratch: test acc | fine-tuned: test acc | gain | "
-        "fit time scratch / fine-tuned |",
+        (
+            "| images per class | train images | epochs | from scratch: test acc | fine-tuned: test acc | gain | "
+            "fit time scratch / fine-tuned |"
+        ),
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for c in result["cells"]:

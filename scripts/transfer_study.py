@@ -1,7 +1,7 @@
 """Transfer study: from scratch vs fine-tuned from our own pretrained run, at equal training time, per data size.
 
-    python scripts/transfer_study.py --data ../shared/data/cifar10-jpeg75.tgz
-    python scripts/transfer_study.py --data sample --per-class 20,all --pretrain-epochs 2
+python scripts/transfer_study.py --data ../shared/data/cifar10-jpeg75.tgz
+python scripts/transfer_study.py --data sample --per-class 20,all --pretrain-epochs 2
 """
 
 import typer
@@ -21,7 +21,9 @@ def main(
     target: str = typer.Option(TARGET_CLASSES, help="classes of the new task (from scratch vs fine-tuned)"),
     per_class: str = typer.Option("50,500,all", help="training images per class of the new task, comma-separated"),
     pretrain_epochs: int = typer.Option(6, min=1, help="epochs of the pretraining run"),
-    budget_images: int = typer.Option(60_000, min=1, help="per cell: epochs ~ this many training images / train set size"),
+    budget_images: int = typer.Option(
+        60_000, min=1, help="per cell: epochs ~ this many training images / train set size"
+    ),
     max_epochs: int = typer.Option(40, min=2, help="epoch cap for the smallest data sizes"),
     lr: float = typer.Option(1e-2, min=0.0, help="max learning rate of both arms (fine-tuning: fastai's base lr)"),
     bs: int = typer.Option(128, min=1, help="batch size (smaller for tiny training sets: >= 8 steps per epoch)"),
