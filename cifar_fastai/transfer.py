@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .data import index_images, keep_classes, resolve_data, split_indices
-from .train import train
+from .train import RunResult, train
 
 # A split of CIFAR-10 into two halves that each mix vehicles and animals, so neither half is "the easy one".
 SOURCE_CLASSES = "airplane,automobile,bird,cat,deer"
@@ -70,6 +70,7 @@ def transfer_study(
     bs: int = 128,
     out: str = "runs",
     name: str | None = None,
+    pretrained_run: str | None = None,
     verbose: bool = True,
 ) -> Path:
     """Pretrain on `source` classes, then for each data size train on `target` classes twice for the same epochs:
@@ -80,8 +81,14 @@ def transfer_study(
     study_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     base = TrainConfig(data=data, arch=arch, width=width, lr=lr, bs=bs, out=str(study_dir))
-    log(f"pretraining {arch} on {source} for {pretrain_epochs} epochs")
-    pre = train(base.replace(classes=source, epochs=pretrain_epochs, name="pretrain"), verbose=False)
+    if pretrained_run:  # reuse a finished pretraining run (its own config says what it learned)
+        pre = RunResult(Path(pretrained_run), json.loads((Path(pretrained_run) / "metrics.json").read_text()))
+        pre_cfg = TrainConfig.from_json(pre.run_dir / "config.json")
+        arch, width, source, pretrain_epochs = pre_cfg.arch, pre_cfg.width, pre_cfg.classes, pre_cfg.epochs
+        base = base.replace(arch=arch, width=width)
+    else:
+        log(f"pretraining {arch} on {source} for {pretrain_epochs} epochs")
+        pre = train(base.replace(classes=source, epochs=pretrain_epochs, name="pretrain"), verbose=False)
     log(f"  test accuracy {pre.metrics['test_accuracy']:.4f} ({pre.metrics['wall_seconds']:.0f} s)")
     cells = []
     for n in per_class:

@@ -29,12 +29,26 @@ def main(
     bs: int = typer.Option(128, min=1, help="batch size (smaller for tiny training sets: >= 8 steps per epoch)"),
     out: str = typer.Option("runs", help="folder for the study folder"),
     name: str = typer.Option(None, help="study folder name (default transfer-<timestamp>)"),
+    pretrained_run: str = typer.Option(None, help="reuse this finished pretraining run (skips pretraining)"),
 ) -> None:
     """Pretrain on SOURCE, then train on TARGET from scratch and fine-tuned, at each data size, for equal epochs."""
     sizes = tuple(None if s.strip() == "all" else int(s) for s in per_class.split(","))
     run_or_exit(
         lambda: transfer_study(
-            data, arch, width, source, target, sizes, pretrain_epochs, budget_images, max_epochs, lr, bs, out, name
+            data,
+            arch,
+            width,
+            source,
+            target,
+            sizes,
+            pretrain_epochs,
+            budget_images,
+            max_epochs,
+            lr,
+            bs,
+            out,
+            name,
+            pretrained_run,
         )
     )
 
