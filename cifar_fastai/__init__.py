@@ -8,7 +8,8 @@ warnings.filterwarnings("ignore", message=".*torch.jit.script.*", category=Futur
 from .archs import get_arch, list_archs, register_arch, register_cifar_model
 from .config import DEFAULTS, TrainConfig
 from .data import CifarData, get_data, resolve_data
-from .errors import CifarFastaiError, DataError
+from .errors import CifarFastaiError, DataError, ModelFileError
+from .safe import load, load_model, save_model
 
 __version__ = "0.1.0"
 __all__ = [
@@ -16,11 +17,15 @@ __all__ = [
     "CifarData",
     "CifarFastaiError",
     "DataError",
+    "ModelFileError",
     "TrainConfig",
     "get_arch",
     "get_data",
     "list_archs",
+    "load",
+    "load_model",
     "register_arch",
     "register_cifar_model",
     "resolve_data",
+    "save_model",
 ]

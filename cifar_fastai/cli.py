@@ -93,10 +93,11 @@ def train_command(list_archs_: bool = False, **kwargs) -> None:
 
       python scripts/train.py --data sample --lr-find
     """
+    from .distributed import launch
     from .train import lr_find, train
 
     cfg = TrainConfig(**kwargs)
-    run_or_exit(lambda: lr_find(cfg) if cfg.lr_find else train(cfg))
+    run_or_exit(lambda: launch(lambda: lr_find(cfg) if cfg.lr_find else train(cfg)))  # launch: rank-aware (issue 8)
 
 
 train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)

@@ -80,7 +80,24 @@ class TrainConfig:
     )
     # --- training toolkit: logging, checkpoints, regularization, adversarial (issue 7) ---
     # --- hardware: device and precision (issue 9) ---
+    device: str = opt(
+        "auto", "'auto': fastai's default_device() (CUDA GPU, else Apple MPS, else CPU); or force cpu, cuda or mps",
+        choices=("auto", "cpu", "cuda", "mps"),
+    )
+    precision: str = opt(
+        "auto",
+        "'fp16' (CUDA, fastai to_fp16), 'bf16' (Ampere+ GPUs; CPU autocast), 'fp32'; 'auto': bf16 on GPUs that have "
+        "it, else fp16 on CUDA, fp32 on CPUs without AMX (bf16 measured slower there) and on mps",
+        choices=("auto", "fp32", "fp16", "bf16"),
+    )
+    channels_last: bool = opt(False, "NHWC memory layout for model and batches (pays on GPUs with mixed precision)")
     # --- fast CPU recipes (issue 10) ---
+    # --- multi-process training under torchrun / accelerate launch (issue 8) ---
+    dist_timeout: int = opt(
+        600,
+        "seconds a rank waits in a collective (all-reduce, broadcast) for the others before the job fails instead of hanging",
+        min=10,
+    )
 
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)

@@ -299,15 +299,17 @@ def get_data(cfg: TrainConfig, stats: tuple[list[float], list[float]] = cifar_st
     )
 
 
-def default_workers(loader: str) -> int:
-    # Tensor batches cost ~1 ms: a worker process would only fight the 2 OpenMP threads (measured: bench/).
-    return 0 if loader == "tensor" else min(1, (os.cpu_count() or 1) - 1)
+def default_workers(loader: str, cfg: TrainConfig | None = None) -> int:
+    """Workers that suit the loader and the device `cfg` resolves to (see `hardware.default_workers`)."""
+    from . import hardware
+
+    return hardware.default_workers(loader, hardware.resolve_device(cfg.device if cfg else "cpu").type)
 
 
 def _tensor_dls(index, train, valid, test, cfg, stats):
     images = torch.from_numpy(index.images).permute(0, 3, 1, 2)  # NCHW view of the NHWC cache, no copy
     labels = torch.from_numpy(index.labels.astype(np.int64))
-    workers = cfg.workers if cfg.workers is not None else default_workers("tensor")
+    workers = cfg.workers if cfg.workers is not None else default_workers("tensor", cfg)
 
     def dl(idx, split_idx, train_mode):
         ds = TensorImageSet(images, labels, idx, index.vocab, split_idx)
@@ -338,7 +340,7 @@ def datablock(vocab: list[str], valid_idx, size: int, stats) -> DataBlock:
 def _datablock_dls(index, train, valid, test, cfg, stats):
     items = [index.files[i] for i in np.concatenate([train, valid])]
     valid_pos = list(range(len(train), len(train) + len(valid)))
-    workers = cfg.workers if cfg.workers is not None else default_workers("datablock")
+    workers = cfg.workers if cfg.workers is not None else default_workers("datablock", cfg)
     dls = datablock(index.vocab, valid_pos, cfg.size, stats).dataloaders(items, bs=cfg.bs, num_workers=workers)
     test_dl = dls.test_dl([index.files[i] for i in test], with_labels=True)
     return dls, test_dl

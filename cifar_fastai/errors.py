@@ -27,3 +27,7 @@ class ModelFileError(CifarFastaiError):
 
 class TrainingError(CifarFastaiError):
     """A run that diverged (NaN/inf loss) or otherwise cannot produce a model."""
+
+
+class ImageInputError(CifarFastaiError):
+    """An uploaded file that is not a usable image (not an image, truncated, empty, too large)."""

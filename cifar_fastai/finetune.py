@@ -16,8 +16,8 @@ from fastai.learner import Learner, Recorder
 from .config import DEFAULTS, TrainConfig
 from .errors import TrainingError, WeightsError
 
-# A run folder's weights, safest first: issue 6's safetensors export, then `learn.save`'s state dict (read with
-# torch.load(weights_only=True)). `export.pkl` is never read for weights: unpickling it runs code.
+# A run folder's weights: issue 6's safetensors file (cifar_fastai.safe), or a plain state dict from older runs (read
+# with torch.load(weights_only=True)). `export.pkl` is never read for weights: unpickling it runs code.
 WEIGHTS_FILES = ("model.safetensors", "model.pth")
 
 
@@ -38,6 +38,8 @@ def weights_file(path: str | Path) -> Path:
     path = Path(path).expanduser()
     if path.is_dir():
         return run_weights(path)
+    if path.name == "model.json":  # issue 6's description of a run's model: the weights are beside it
+        return run_weights(path.parent)
     if path.suffix == ".pkl":
         try:
             return run_weights(path.parent)
@@ -73,7 +75,7 @@ def source_run(cfg: TrainConfig) -> Path | None:
     if cfg.weights:
         path = Path(cfg.weights).expanduser()
         run = path if path.is_dir() else path.parent
-        if (run / "config.json").is_file() and path.name in (run.name, *WEIGHTS_FILES, "export.pkl"):
+        if (run / "config.json").is_file() and path.name in (run.name, *WEIGHTS_FILES, "export.pkl", "model.json"):
             return run
     return None
 

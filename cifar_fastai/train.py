@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from fastai.learner import save_model
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
+from . import hardware
+from . import distributed
 from .archs import get_arch
 from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
 from .config import TrainConfig
@@ -22,6 +22,7 @@ from .errors import TrainingError
 from .finetune import FineTuneReport, fine_tune, resolve_init_from
 from .learner import create_learner, norm_stats
 from .report import Interpretation
+from .safe import save_model
 
 
 @dataclass
@@ -65,7 +66,7 @@ def write_json(path: Path, obj) -> None:
 
 
 def setup_runtime(cfg: TrainConfig) -> None:
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    hardware.setup(cfg)  # issue 9: impossible --device/--precision stop here, before data loads; sets threads
     set_seed(cfg.seed)  # before the DataLoaders: the hold-out split and the first shuffles depend on it
 
 
@@ -74,6 +75,9 @@ def prepare(cfg: TrainConfig, run_dir: Path, verbose: bool = True):
     setup_runtime(cfg)
     data = get_data(cfg, norm_stats(cfg, get_arch(cfg.arch)), verbose=verbose)
     learn = create_learner(cfg, data, path=run_dir)
+    rt = hardware.place(learn, data, cfg)  # issue 9: model + DataLoaders onto the chosen device
+    if verbose:
+        print(rt.line(cfg), flush=True)
     if not sys.stdout.isatty():
         learn.remove_cb(learn.progress)  # no progress bars in logs; PlainProgress prints one line per epoch
         learn.logger = noop
@@ -96,6 +100,8 @@ def describe(cfg: TrainConfig, data: CifarData) -> dict:
             "arch_kind": get_arch(cfg.arch).kind,
             "base_lr": cfg.base_lr,
             "threads": torch.get_num_threads(),
+            "hardware": hardware.runtime(cfg, data.dls).to_dict(),  # issue 9
+            "distributed": distributed.describe(cfg.bs, cfg.base_lr),
         },
         "versions": versions(),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
@@ -104,14 +110,18 @@ def describe(cfg: TrainConfig, data: CifarData) -> dict:
 
 def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
     """The side behaviour of a run, each a fastai callback added for the duration of the fit."""
-    cbs = [HistoryLogger(run_dir.resolve() / "history.csv")]
-    if not sys.stdout.isatty():
+    main = distributed.is_main()  # issue 8: under torchrun only rank 0 writes and prints
+    cbs = [HistoryLogger(run_dir.resolve() / "history.csv")] if main else []
+    if not sys.stdout.isatty() and main:
         cbs.append(PlainProgress())
+    # --- issue 8: multi-process (a simulated rank failure, for the tests) ---
+    cbs += distributed.fault_injection_cbs()
     # --- issue 5: fine-tuning report ---
-    if cfg.fine_tuning:
+    if cfg.fine_tuning and main:  # rank 0 writes the report
         cbs.append(FineTuneReport(run_dir.resolve(), cfg.init_from or cfg.weights or "ImageNet weights"))
     # --- issue 7: tensorboard, checkpoints, early stopping, regularization, adversarial ---
     # --- issue 9: precision ---
+    cbs += hardware.callbacks(cfg)
     # --- issue 10: fast recipes ---
     return cbs
 
@@ -146,12 +156,15 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     """Train (or fine-tune), evaluate once on the test set, export; everything lands in one run folder."""
     t0 = time.perf_counter()
     cfg = resolve_init_from(cfg)  # --init-from RUN: that run's arch and weights file (issue 5)
-    run_dir = make_run_dir(cfg)
-    log = print if verbose else noop
+    distributed.init(cfg.dist_timeout)  # under torchrun: join the other ranks (no-op in one process)
+    main = distributed.is_main()  # only rank 0 writes the run folder and prints; it names the folder for all ranks
+    run_dir = Path(distributed.on_main(lambda: str(make_run_dir(cfg))))
+    log = print if verbose and main else noop
     log(f"run folder: {run_dir}")
-    data, learn = prepare(cfg, run_dir, verbose)
+    data, learn = prepare(cfg, run_dir, verbose and main)
     info = describe(cfg, data)
-    write_json(run_dir / "config.json", info)  # first: even a crashed run says what it was
+    if main:
+        write_json(run_dir / "config.json", info)  # first: even a crashed run says what it was
     log(
         f"{cfg.arch} on {data.root} ({data.loader} loader): {data.n_train} train / {data.n_valid} valid / "
         f"{data.n_test} test images; {info['resolved']['validation']}"
@@ -159,20 +172,26 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     timer, nan = Throughput(), StopOnNaN()
     cbs = [timer, nan, *run_callbacks(cfg, run_dir)]
     try:
-        fit(learn, cfg, cbs)
+        with distributed.distrib_ctx(learn):  # DDP + sharded loaders under torchrun, nothing in one process
+            fit(learn, cfg, cbs)
+            valid_loss, *valid_metrics = learn.recorder.values[-1][1:]  # before get_preds, which changes the record
+            # every rank predicts its shard of the test set and fastai gathers them: the whole set on every rank
+            # (fastai's to_detach all-gathers whenever WORLD_SIZE > 1, so rank 0 cannot predict alone)
+            interp = None if nan.bad_epoch is not None else Interpretation.from_dl(learn, data.test_dl, data.vocab)
     except KeyboardInterrupt:
-        learn.save(run_dir.resolve() / "interrupted", with_opt=True)
+        if main:
+            learn.save(run_dir.resolve() / "interrupted", with_opt=True)
         raise TrainingError(f"interrupted: model and optimizer saved to {run_dir / 'interrupted.pth'}") from None
     if nan.bad_epoch is not None:
         raise TrainingError(
             f"loss became NaN/inf in epoch {nan.bad_epoch + 1}: stopped, nothing exported. Try a lower --lr"
         )
-    valid_loss, *valid_metrics = learn.recorder.values[-1][1:]
-    interp = Interpretation.from_dl(learn, data.test_dl, data.vocab)
+    if not main:  # rank 0 alone writes the run folder; the others wait for its metrics
+        return RunResult(run_dir, distributed.broadcast_object(None))
     test = interp.summary()
     interp.save_confusion_matrix(run_dir / "confusion_matrix.png", title=f"{cfg.arch}: test set")
     export(learn, data, run_dir, data.example)
-    save_model(run_dir / "model.pth", learn.model, None, with_opt=False)  # state dict for --init-from, no pickle (issue 5)
+    save_model(learn, cfg, data.vocab, data.stats, learn_size(learn, data), run_dir)  # issue 6: the pickle-free twin
     metrics = {
         "valid_loss": float(valid_loss),
         "valid_accuracy": float(valid_metrics[0]),
@@ -184,14 +203,15 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
         "n_test": test["n"],
         "skipped_files": [p for p, _ in data.bad],
         "wall_seconds": time.perf_counter() - t0,
-        **timer.stats(),
+        **distributed.global_throughput(timer.stats()),
     }
     write_json(run_dir / "metrics.json", metrics)
+    distributed.broadcast_object(metrics)
     log(
         f"valid accuracy {metrics['valid_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "
         f"({metrics['train_images_per_s']:.0f} train images/s, {metrics['wall_seconds']:.0f} s)"
     )
-    log(f"results in {run_dir}: export.pkl, config.json, metrics.json, history.csv, confusion_matrix.png")
+    log(f"results in {run_dir}: export.pkl, model.json + model.safetensors, config.json, metrics.json, history.csv, confusion_matrix.png")
     return RunResult(run_dir, metrics)
 
 
@@ -200,6 +220,8 @@ def lr_find(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     import matplotlib.pyplot as plt
     from fastai.callback.schedule import minimum, slide, steep, valley
 
+    if distributed.is_distributed():
+        raise TrainingError("--lr-find runs in one process: start it with python, not torchrun")
     cfg = resolve_init_from(cfg)
     run_dir = make_run_dir(cfg.replace(name=cfg.name or f"lr-find-{cfg.arch.replace('/', '-')}"))
     _, learn = prepare(cfg, run_dir, verbose)

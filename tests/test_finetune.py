@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 from fastai.callback.core import Callback
+from safetensors.torch import load_file
 from torchvision.models import resnet18
 from typer.testing import CliRunner
 
@@ -64,11 +65,11 @@ class Snapshots(Callback):
 
 # ------------------------------------------------------------------------------------------ weights from files
 def test_our_run_weights_reproduce_the_saved_model(tiny_data, tiny_run):
-    """--weights RUN, RUN/model.pth and --init-from RUN all load the body the run saved: same features, same stats."""
+    """--weights RUN, RUN/model.safetensors and --init-from RUN all load the body the run saved: same features, same stats."""
     ref = tiny()
-    ref.load_state_dict(torch.load(tiny_run / "model.pth", weights_only=True))
+    ref.load_state_dict(load_file(str(tiny_run / "model.safetensors")))
     ref.eval()
-    for kw in ({"weights": str(tiny_run)}, {"weights": str(tiny_run / "model.pth")}, {"init_from": str(tiny_run)}):
+    for kw in ({"weights": str(tiny_run)}, {"weights": str(tiny_run / "model.safetensors")}, {"init_from": str(tiny_run)}):
         _cfg, data, learn = learner_for(TrainConfig(data=str(tiny_data), arch="tiny", bs=8, **kw))
         assert data.stats == cifar_stats, "the run's own normalization, not ImageNet's"
         x = batch(data)
@@ -101,9 +102,9 @@ def test_export_pkl_is_never_unpickled_for_weights(tiny_data, tiny_run, tmp_path
     run = shutil.copytree(tiny_run, tmp_path / "run")
     (run / "export.pkl").write_bytes(b"not a pickle: reading it would fail")
     _, _data, learn = learner_for(TrainConfig(data=str(tiny_data), arch="tiny", weights=str(run / "export.pkl"), bs=8))
-    saved = torch.load(run / "model.pth", weights_only=True)
-    assert torch.equal(learn.model[0][0][0].weight, saved["0.0.0.weight"]), "weights came from model.pth beside it"
-    (run / "model.pth").unlink()
+    saved = load_file(str(run / "model.safetensors"))
+    assert torch.equal(learn.model[0][0][0].weight, saved["0.0.0.weight"]), "weights came from the file beside it"
+    (run / "model.safetensors").unlink()
     with pytest.raises(WeightsError, match="never loaded for weights"):
         learner_for(TrainConfig(data=str(tiny_data), arch="tiny", weights=str(run / "export.pkl")))
 
@@ -267,7 +268,7 @@ def test_freeze_to_last_groups_and_discriminative_rates_in_the_optimizer(tiny_da
 # --------------------------------------------------------------------------------------- transfer: --init-from
 def test_init_from_a_run_on_other_classes(tiny_data, tiny_run, tmp_path):
     """Pretrained on 10 classes, fine-tuned on 3: new 3-way head, the run's body, and a report in the run folder."""
-    saved = torch.load(tiny_run / "model.pth", weights_only=True)
+    saved = load_file(str(tiny_run / "model.safetensors"))
     cfg, _data, learn = learner_for(TrainConfig(data=str(tiny_data), init_from=str(tiny_run), classes="cat,dog,frog"))
     assert cfg.arch == "tiny" and learn.model[1][-1].out_features == 3
     assert all(torch.equal(v, saved["0." + k]) for k, v in learn.model[0].state_dict().items()), "body kept"

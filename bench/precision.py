@@ -1,0 +1,70 @@
+"""Benchmark: the same short training run in fp32 and in CPU bf16 autocast (and NHWC), accuracy and speed as JSON.
+
+    python bench/precision.py --data ../shared/data/cifar10-jpeg75.tgz --arch tiny --epochs 1
+    python bench/precision.py --data sample --arch resnet18 --epochs 1 --variants fp32,fp32+cl
+
+Each variant is one `cifar_fastai.train.train` run (the project's own flow); ratios are against the first variant,
+measured on the same machine. Variants whose run folder already holds metrics.json are reused (resume after a
+time limit). Writes bench/out/precision.json (or --out).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+from pathlib import Path
+
+import torch
+import typer
+
+from cifar_fastai.config import TrainConfig
+from cifar_fastai.hardware import cpu_flags
+from cifar_fastai.train import train, versions
+
+
+def main(
+    data: str = typer.Option("sample", help="--data of the runs"),
+    arch: str = typer.Option("tiny", help="--arch of the runs"),
+    epochs: int = typer.Option(1, help="--epochs of each run"),
+    bs: int = typer.Option(256, help="--bs of each run"),
+    variants: str = typer.Option(
+        "fp32,bf16,fp32+cl,bf16+cl", help="precision[+cl for --channels-last], comma-separated"
+    ),
+    device: str = typer.Option("cpu", help="--device of the runs"),
+    out: str = typer.Option("bench/out/precision.json", help="JSON result file"),
+) -> None:
+    out, runs = Path(out), {}
+    for variant in variants.split(","):
+        precision, _, cl = variant.partition("+")
+        cfg = TrainConfig(
+            data=data, arch=arch, epochs=epochs, bs=bs, device=device, precision=precision, channels_last=cl == "cl",
+            out=str(out.parent / "runs"), name=f"precision-{arch.replace('/', '-')}-{variant}",
+        )  # fmt: skip
+        done = out.parent / "runs" / cfg.name / "metrics.json"
+        # a finished variant is reused: a bench stopped by its time limit resumes where it stopped
+        m = json.loads(done.read_text()) if done.exists() else train(cfg, verbose=True).metrics
+        runs[variant] = {k: m[k] for k in ("test_accuracy", "valid_accuracy", "train_images_per_s", "wall_seconds")}
+    base = runs[variants.split(",")[0]]
+    for r in runs.values():
+        r["train_speed_vs_first"] = r["train_images_per_s"] / base["train_images_per_s"]
+        r["test_accuracy_minus_first"] = r["test_accuracy"] - base["test_accuracy"]
+    result = {
+        "command": f"python bench/precision.py --data {data} --arch {arch} --epochs {epochs} --bs {bs} "
+        f"--variants {variants} --device {device}",
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "bf16_flags": sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx")),
+        },
+        "versions": versions(),
+        "runs": runs,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["runs"], indent=2))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

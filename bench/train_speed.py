@@ -1,0 +1,137 @@
+"""Training throughput in one invocation: the fastai-docs recipe, the bare training step, and our `train()` path.
+
+    python bench/train_speed.py                                   # full-size comparison, ~10 minutes on 2 cores
+    python bench/train_speed.py --train-per-class 100 --steps 4   # quick smoke run
+
+Writes JSON (default bench/out/train_speed.json) with images/s, wall time, accuracy and the ratios the project
+targets: ours >= 85% of the bare step (same model, batch size, dtype) and >= 3x the fastai-docs recipe.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import typer
+
+from cifar_fastai import TrainConfig
+from cifar_fastai.data import resolve_data
+from cifar_fastai.train import train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def docs_recipe(root: Path, per_class: int, bs: int = 64) -> dict:
+    """The recipe people copy from the fastai docs: folders + aug_transforms + vision_learner(resnet18) + fit_one_cycle."""
+    from fastai.vision.all import (
+        CategoryBlock,
+        DataBlock,
+        ImageBlock,
+        IndexSplitter,
+        accuracy,
+        aug_transforms,
+        get_image_files,
+        parent_label,
+        resnet18,
+        vision_learner,
+    )
+
+    train_files = [f for c in sorted((root / "train").iterdir()) for f in sorted(c.iterdir())[:per_class]]
+    test_files = [f for c in sorted((root / "test").iterdir()) for f in sorted(c.iterdir())[: max(1, per_class // 5)]]
+    items = train_files + test_files
+    dblock = DataBlock(
+        blocks=(ImageBlock, CategoryBlock),
+        get_items=get_image_files,
+        splitter=IndexSplitter(range(len(train_files), len(items))),
+        get_y=parent_label,
+        batch_tfms=aug_transforms(),
+    )
+    dls = dblock.dataloaders(items, bs=bs)
+    learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy)
+    t0 = time.perf_counter()
+    with learn.no_bar(), learn.no_logging():
+        learn.fit_one_cycle(1, 1e-3)
+    wall = time.perf_counter() - t0
+    return {
+        "what": "fastai docs recipe: DataBlock from files + aug_transforms + vision_learner(resnet18) + fit_one_cycle",
+        "bs": bs,
+        "n_train": len(train_files),
+        "n_valid": len(test_files),
+        "epoch_images_per_s": (len(train_files) + len(test_files)) / wall,
+        "wall_seconds": wall,
+        "accuracy": float(learn.recorder.values[-1][-1]),
+    }
+
+
+def bare_step(arch: str, bs: int, steps: int, channels_last: bool, bf16: bool) -> dict:
+    """The ceiling: forward + backward + optimizer step of the same model on a fixed random batch, nothing else."""
+    from fastai.losses import CrossEntropyLossFlat
+    from fastai.optimizer import Adam
+
+    from cifar_fastai.archs import get_arch
+
+    a = get_arch(arch)
+    if a.kind == "cifar":
+        model = a.builder(n_out=10)
+    else:
+        from fastai.vision.learner import create_vision_model
+
+        model = create_vision_model(a.builder, 10, pretrained=False)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt).train()
+    opt = Adam(list(model.parameters()), lr=1e-3, wd=0.05)
+    loss_func = CrossEntropyLossFlat()
+    x = torch.randn(bs, 3, 32, 32).contiguous(memory_format=fmt)
+    y = torch.randint(0, 10, (bs,))
+    times = []
+    for i in range(steps + 2):  # 2 warm-up steps
+        t0 = time.perf_counter()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_func(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if i >= 2:
+            times.append(time.perf_counter() - t0)
+    return {"images_per_s": bs * len(times) / sum(times), "steps": len(times)}
+
+
+def ours(data: str, arch: str, bs: int, per_class: int, out: Path, **extra) -> dict:
+    cfg = TrainConfig(data=data, arch=arch, bs=bs, epochs=1, train_per_class=per_class, out=str(out), **extra)
+    res = train(cfg, verbose=False)
+    m = res.metrics
+    keys = ("train_images_per_s", "epoch_images_per_s", "train_seconds", "valid_seconds", "valid_accuracy", "wall_seconds")
+    return {"what": "scripts/train.py path: train(TrainConfig(...))", "config": extra, "bs": bs, **{k: m[k] for k in keys}}
+
+
+def main(
+    data: str = typer.Option(str(REPO.parent / "shared/data/cifar10-jpeg75.tgz"), help="CIFAR-layout folder or .tgz"),
+    arch: str = typer.Option("resnet18", help="model for the bare step and our path"),
+    bs: int = typer.Option(256, help="batch size for the bare step and our path"),
+    train_per_class: int = typer.Option(500, help="training images per class for the epoch runs"),
+    steps: int = typer.Option(10, help="timed bare steps"),
+    out: Path = typer.Option(REPO / "bench/out/train_speed.json", help="JSON result file"),
+) -> None:
+    torch.set_num_threads(os.cpu_count() or 1)
+    root = resolve_data(data)
+    runs = out.parent / "runs"
+    result = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__}}
+    result["bare_fp32"] = bare_step(arch, bs, steps, channels_last=False, bf16=False)
+    result["ours_fp32"] = ours(data, arch, bs, train_per_class, runs)
+    result["docs_recipe"] = docs_recipe(root, train_per_class)
+    result["ratios"] = {
+        "ours_train_vs_bare_step": result["ours_fp32"]["train_images_per_s"] / result["bare_fp32"]["images_per_s"],
+        "ours_epoch_vs_docs_recipe": result["ours_fp32"]["epoch_images_per_s"] / result["docs_recipe"]["epoch_images_per_s"],
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
+    print(json.dumps(result["ratios"], indent=2))
+    print(f"written {out}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,73 @@
+"""Export a trained run for CPU deployment: ONNX (preprocessing inside the graph), int8 ONNX, or the safe format.
+
+    python scripts/export.py onnx runs/resnet18-cifar10
+    python scripts/export.py int8 runs/resnet18-cifar10 --calib 512
+    python scripts/export.py safe runs/old-run --trust-pickle     # an old run with only export.pkl -> model.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from cifar_fastai.cli import run_or_exit
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, no_args_is_help=True)
+Trust = Annotated[bool, typer.Option("--trust-pickle", help="read export.pkl when the run has no model.json (runs its code)")]
+Run = Annotated[Path, typer.Argument(help="run folder")]
+
+
+@app.command()
+def onnx(run: Run, trust_pickle: Trust = False) -> None:
+    """Write runs/<name>/model.onnx (input: float32 NCHW RGB in [0,1] at 32x32; normalization inside) + model.onnx.json."""
+    import numpy as np
+
+    from cifar_fastai.deploy import (
+        PARITY_ATOL,
+        eager_logits,
+        export_onnx,
+        onnx_logits,
+        ort_session,
+        wrapped_model,
+    )
+
+    def job():
+        out = export_onnx(run, trust_pickle=trust_pickle)
+        model, _ = wrapped_model(run, trust_pickle)
+        x = np.random.default_rng(0).random((8, 3, 32, 32), dtype=np.float32)
+        diff = float(np.abs(onnx_logits(ort_session(out), x) - eager_logits(model, x)).max())
+        if diff > PARITY_ATOL:
+            typer.echo(f"warning: ONNX logits differ from PyTorch by {diff:.2e} (> {PARITY_ATOL})", err=True)
+        typer.echo(f"wrote {out} and {out.with_name('model.onnx.json')} (max abs logit diff vs PyTorch {diff:.1e})")
+
+    run_or_exit(job)
+
+
+@app.command()
+def int8(
+    run: Run,
+    data: Annotated[str | None, typer.Option(help="calibration data (default: the run's own --data, from config.json)")] = None,
+    calib: Annotated[int, typer.Option(min=1, help="training images used to calibrate activation ranges")] = 512,
+    reduce_range: Annotated[bool, typer.Option(help="7-bit weights: onnxruntime's advice for x86 CPUs without VNNI")] = True,
+    trust_pickle: Trust = False,
+) -> None:
+    """Write runs/<name>/model.int8.onnx: static int8 quantization (onnxruntime, QDQ) calibrated on training images."""
+    from cifar_fastai.deploy import quantize_int8
+
+    out = run_or_exit(lambda: quantize_int8(run, data, calib, reduce_range=reduce_range, trust_pickle=trust_pickle))
+    typer.echo(f"wrote {out}")
+
+
+@app.command()
+def safe(run: Run, trust_pickle: Trust = False) -> None:
+    """Write model.json + model.safetensors for a run that has only export.pkl (needs --trust-pickle)."""
+    from cifar_fastai.safe import convert_pickle
+
+    out = run_or_exit(lambda: convert_pickle(run, trust_pickle=trust_pickle))
+    typer.echo(f"wrote {out} and {out.with_name('model.safetensors')}")
+
+
+if __name__ == "__main__":
+    app()

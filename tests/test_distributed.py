@@ -1,0 +1,117 @@
+"""Data-parallel training: per-rank shards, a 2-process gloo torchrun run, and a failing rank ending the job."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+from fastai.learner import load_learner
+
+from cifar_fastai.distributed import DistributedDL, describe
+from cifar_fastai.tensor_loader import TensorDL, TensorImageSet
+
+from .conftest import REPO
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args: str, env: dict | None = None, timeout: int = 180) -> subprocess.CompletedProcess:
+    """`torchrun --nproc_per_node 2 scripts/train.py ...` as a user runs it (gloo on this CPU-only machine)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
+    return subprocess.run(
+        [*cmd, "scripts/train.py", *args],
+        check=False,
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def rank_items(n: int, world_size: int, bs: int = 4) -> list[list[int]]:
+    """The item ids each rank's `DistributedDL` yields from one shuffled epoch of a `TensorDL` over `n` items."""
+    ids = torch.arange(n)
+    ds = TensorImageSet(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), ids, np.arange(n), ["a"], 0)
+    out = []
+    for rank in range(world_size):
+        dl = TensorDL(ds, bs=bs, shuffle=True, drop_last=False)
+        dl.rng = random.Random(0)  # what the broadcast guarantees in a real job: every rank starts from rank 0's order
+        ddl = DistributedDL(dl, rank=rank, world_size=world_size)
+        out.append([int(y) for _, yb in ddl for y in yb])
+    return out
+
+
+def test_shards_are_disjoint_and_cover_the_data():
+    shards = rank_items(30, 2)
+    assert len(shards[0]) == len(shards[1]) == 15
+    assert not set(shards[0]) & set(shards[1]), "no image is trained twice in an epoch"
+    assert sorted(shards[0] + shards[1]) == list(range(30)), "every image is trained once"
+    assert shards[0] + shards[1] != list(range(30)), "the epoch is shuffled"
+
+
+def test_uneven_shards_pad_with_repeats_but_cover_everything():
+    shards = rank_items(31, 3)
+    assert [len(s) for s in shards] == [11, 11, 11], "equal steps per rank, or DDP's all-reduce would wait forever"
+    flat = [i for s in shards for i in s]
+    assert set(flat) == set(range(31)) and len(flat) - len(set(flat)) == 2  # 33 slots for 31 images
+
+
+def test_global_batch_and_lr_are_stated():
+    info = describe(bs=256, lr=1e-3)
+    assert info["world_size"] == 1 and info["global_bs"] == 256 and info["lr"] == 1e-3
+
+
+def test_torchrun_two_processes_write_one_run_folder_that_predicts(tiny_data, tmp_path):
+    out = tmp_path / "runs"
+    res = torchrun("--data", str(tiny_data), "--arch", "tiny", "--epochs", "2", "--bs", "16", "--lr", "1e-2",
+                   "--out", str(out), "--dist-timeout", "60")  # fmt: skip
+    assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+    assert res.stdout.count("run folder:") == 1, "only rank 0 prints"
+    runs = list(out.iterdir())
+    assert len(runs) == 1, f"one run folder, not one per rank: {runs}"
+    run = runs[0]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["n_test"] == 100, "the whole test set (gathered from both ranks), not one shard"
+    assert metrics["test_accuracy"] > 0.5 and metrics["valid_accuracy"] > 0.5
+    resolved = json.loads((run / "config.json").read_text())["resolved"]["distributed"]
+    assert resolved["world_size"] == 2 and resolved["backend"] == "gloo" and resolved["global_bs"] == 32
+    assert len((run / "history.csv").read_text().splitlines()) == 3, "one header + 2 epochs, written once"
+    learn = load_learner(run / "export.pkl")  # the fresh-process load is tested on the one-process run (test_train)
+    label, _, probs = learn.predict(tiny_data / "test" / "ship" / "0001.jpg")
+    assert label == "ship" and abs(float(probs.sum()) - 1) < 1e-4
+
+
+def test_a_failing_rank_ends_the_job_naming_the_rank(tiny_data, tmp_path):
+    t0 = time.perf_counter()
+    res = torchrun("--data", str(tiny_data), "--arch", "tiny", "--epochs", "1", "--bs", "16",
+                   "--out", str(tmp_path / "runs"), "--dist-timeout", "600",
+                   env={"CIFAR_FASTAI_FAIL_RANK": "1"}, timeout=150)  # fmt: skip
+    assert res.returncode != 0
+    assert "error: rank 1/2: RuntimeError" in res.stderr and "simulated failure" in res.stderr
+    assert "rank      : 1" in res.stderr, "torchrun's summary names the failed rank"
+    assert time.perf_counter() - t0 < 300, "ends when the rank dies, not after the 600 s collective timeout"
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch without torch.distributed")
+def test_lr_find_refuses_torchrun(tiny_data, tmp_path, monkeypatch):
+    from cifar_fastai import TrainConfig
+    from cifar_fastai.errors import TrainingError
+    from cifar_fastai.train import lr_find
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(TrainingError, match="one process"):
+        lr_find(TrainConfig(data=str(tiny_data), arch="tiny", out=str(tmp_path)), verbose=False)

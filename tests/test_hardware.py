@@ -1,0 +1,205 @@
+"""Device and precision choices: resolution with faked GPUs, CPU bf16 training, exports across devices and precisions."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from fastai.callback.core import Callback
+from fastai.callback.training import ShortEpochCallback
+from fastai.learner import load_learner
+from torch import serialization
+from typer.testing import CliRunner
+
+from cifar_fastai import TrainConfig, get_data, hardware
+from cifar_fastai.cli import train_app
+from cifar_fastai.hardware import CpuMixedPrecision, HardwareError, resolve_device, resolve_precision
+from cifar_fastai.learner import create_learner
+from cifar_fastai.train import train
+
+from .conftest import run_script
+
+CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda", 0), torch.device("mps")
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    """Pretend a CUDA GPU is present; `bf16` says whether it is an Ampere+ one."""
+
+    def fake(bf16: bool = True, mps: bool = False):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: "Fake GPU")
+
+    return fake
+
+
+@pytest.fixture
+def no_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_built", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_bf16_pays", lambda: False)
+
+
+def test_auto_picks_gpu_and_its_fastest_safe_precision(fake_gpu):
+    fake_gpu(bf16=True)
+    assert resolve_device("auto") == CUDA
+    assert resolve_precision("auto", CUDA) == "bf16", "Ampere+: bf16 (no loss scaling needed)"
+    fake_gpu(bf16=False)
+    assert resolve_precision("auto", CUDA) == "fp16", "older GPUs: fp16 with fastai's loss scaling"
+    assert resolve_precision("fp32", CUDA) == "fp32"
+    with pytest.raises(HardwareError, match="bf16.*Fake GPU.*Ampere"):
+        resolve_precision("bf16", CUDA)
+
+
+def test_auto_on_cpu_and_mps(no_gpu, monkeypatch):
+    assert resolve_device("auto") == CPU
+    assert resolve_precision("auto", CPU) == "fp32", "no AMX: bf16 was measured slower than fp32"
+    assert resolve_precision("bf16", CPU) == "bf16"
+    monkeypatch.setattr(hardware, "cpu_bf16_pays", lambda: True)
+    assert resolve_precision("auto", CPU) == "bf16"
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    assert resolve_device("auto").type == "mps" and resolve_device("mps") == MPS
+    assert resolve_precision("auto", MPS) == "fp32"
+    with pytest.raises(HardwareError, match="CUDA only"):
+        resolve_precision("fp16", MPS)
+
+
+def test_impossible_requests_are_clear_errors(no_gpu):
+    with pytest.raises(HardwareError, match="--device cuda: no CUDA GPU"):
+        resolve_device("cuda")
+    with pytest.raises(HardwareError, match="--device mps: .*not available"):
+        resolve_device("mps")
+    with pytest.raises(HardwareError, match="--precision fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", CPU)
+
+
+def test_workers_suit_the_hardware():
+    assert hardware.default_workers("tensor", "cpu", 2) == 0
+    assert hardware.default_workers("tensor", "cuda", 32) == 0
+    assert hardware.default_workers("datablock", "cpu", 2) == 1
+    assert hardware.default_workers("datablock", "cuda", 32) == 8
+    assert hardware.default_workers("datablock", "cuda", 4) == 4
+
+
+def test_gpu_run_gets_fastai_mixed_precision_callbacks(fake_gpu):
+    fake_gpu(bf16=False)
+    cbs = hardware.callbacks(TrainConfig(channels_last=True))
+    kinds = {type(cb).__name__: cb for cb in cbs}
+    assert set(kinds) == {"MixedPrecision", "ChannelsLastInputs"}
+    assert kinds["MixedPrecision"].amp_mode.value == "fp16", "what learn.to_fp16() adds"
+
+
+def test_cli_cuda_without_gpu_exits_nonzero_without_traceback(tmp_path):
+    res = run_script(
+        "scripts/train.py", "--data", "sample", "--arch", "tiny", "--device", "cuda", "--out", str(tmp_path)
+    )
+    assert res.returncode == 2
+    assert "error: --device cuda: no CUDA GPU" in res.stderr and "Traceback" not in res.stderr
+    assert not list(tmp_path.glob("*/config.json")), "stopped before any data was loaded"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--device", "mps"], "--device mps: "),
+        (["--device", "cpu", "--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
+    ],
+)
+def test_cli_impossible_requests_are_one_line(args, message, tmp_path, no_gpu):
+    res = CliRunner().invoke(train_app, ["--data", "sample", "--arch", "tiny", "--out", str(tmp_path), *args])
+    assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.exception
+    assert f"error: {message}" in res.output
+
+
+class PredDtype(Callback):
+    """Records the dtype of the model output before MixedPrecision (order 10) turns it back to float."""
+
+    order = 5
+
+    def after_pred(self):
+        self.dtype = self.pred.dtype
+
+
+def test_cpu_bf16_training_step_matches_fp32(tiny_data):
+    cfg = TrainConfig(data=str(tiny_data), arch="tiny", bs=32, valid="test")
+    data = get_data(cfg, verbose=False)
+    learn = create_learner(cfg, data)
+    xb, yb = data.dls.train.one_batch()
+    learn.model.train()
+    with torch.no_grad():
+        fp32 = learn.loss_func(learn.model(xb), yb).item()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = learn.loss_func(learn.model(xb), yb).item()
+    assert abs(bf16 - fp32) < 0.02 * abs(fp32), (fp32, bf16)  # bf16 keeps ~3 significant digits
+    before = learn.model[0][0][0].weight.detach().clone()
+    spy = PredDtype()
+    learn.fit(1, 1e-2, cbs=[CpuMixedPrecision(), spy, ShortEpochCallback(pct=0.3)])  # a few batches
+    assert spy.dtype == torch.bfloat16, "the forward pass really ran in bf16"
+    weight = learn.model[0][0][0].weight
+    assert weight.dtype == torch.float32 and not torch.equal(weight, before), "fp32 master weights were updated"
+    assert all(torch.isfinite(torch.tensor(v)) for v in learn.recorder.values[-1][:2])
+
+
+def test_bf16_trained_export_predicts_in_fp32_and_fp32_export_in_bf16(tiny_data, tiny_run, tmp_path, capsys):
+    res = train(
+        TrainConfig(data=str(tiny_data), arch="tiny", epochs=1, bs=16, lr=1e-2, out=str(tmp_path), name="bf16",
+                    precision="bf16", device="cpu", channels_last=True),
+    )  # fmt: skip
+    line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("hardware:")]
+    assert line and "precision bf16" in line[0] and "device cpu" in line[0] and "channels_last on" in line[0]
+    resolved = json.loads((res.run_dir / "config.json").read_text())
+    assert resolved["config"]["precision"] == "bf16" and resolved["resolved"]["hardware"]["precision"] == "bf16"
+    assert resolved["resolved"]["hardware"]["device"] == "cpu" and resolved["resolved"]["hardware"]["workers"] == 0
+    assert res.metrics["test_accuracy"] > 0.5, "bf16 still learns the separable classes"
+
+    image = tiny_data / "test" / "ship" / "0001.jpg"
+    learn = load_learner(res.run_dir / "export.pkl")
+    assert not any(isinstance(cb, CpuMixedPrecision) for cb in learn.cbs), "export is a plain fp32 learner"
+    assert learn.model[0][0][0].weight.is_contiguous(), "model back in the default memory layout"
+    label, _, probs = learn.predict(image)
+    assert label == "ship" and probs.dtype == torch.float32
+
+    fp32_learn = load_learner(tiny_run / "export.pkl")
+    label32, _, p32 = fp32_learn.predict(image)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        label16, _, p16 = fp32_learn.predict(image)
+    assert label16 == label32 == "ship" and torch.allclose(p16.float(), p32, atol=0.02)
+
+
+def test_gpu_export_loads_and_predicts_on_cpu(tiny_run, tiny_data, tmp_path):
+    """An export made on a GPU: every tensor in the file (weights, normalization stats) is tagged 'cuda:0'.
+
+    Faked with the hook behind torch's documented `register_package`, which decides the device tag of every saved
+    storage: the file then fails a plain `torch.load` here exactly as a real GPU export does.
+    """
+    learn = load_learner(tiny_run / "export.pkl")
+    entry = (-100, lambda storage: "cuda:0" if storage.device.type == "cpu" else None, lambda storage, loc: None)
+    serialization._package_registry.append(entry)
+    serialization._package_registry.sort(key=lambda e: e[0])
+    try:
+        learn.export(tmp_path / "gpu_export.pkl")
+    finally:
+        serialization._package_registry.remove(entry)
+    path = tmp_path / "gpu_export.pkl"
+    with pytest.raises(RuntimeError, match="CUDA"):  # what a plain torch.load does with a real GPU file here
+        torch.load(path, weights_only=False)
+    moved = tmp_path / "elsewhere.pkl"
+    shutil.copy(path, moved)
+    cpu_learn = load_learner(moved)  # fastai's default cpu=True maps it, no user action
+    assert cpu_learn.dls.device == CPU and next(cpu_learn.model.parameters()).device == CPU
+    label, _, probs = cpu_learn.predict(tiny_data / "test" / "ship" / "0001.jpg")
+    assert label == "ship" and abs(float(probs.sum()) - 1) < 1e-4
+
+
+def test_tensor_loader_batches_land_on_the_chosen_device(tiny_data):
+    """TensorDL is a fastai TfmdDL: `dls.to(device)` moves every batch (meta device stands in for a GPU)."""
+    data = get_data(TrainConfig(data=str(tiny_data), arch="tiny", bs=8), verbose=False)
+    assert data.loader == "tensor"
+    data.dls.to(torch.device("meta"))
+    xb, yb = data.dls.train.one_batch()
+    assert xb.device.type == "meta" and yb.device.type == "meta" and xb.shape == (8, 3, 32, 32)
