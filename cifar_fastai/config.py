@@ -76,6 +76,26 @@ class TrainConfig:
     )
     # --- fine-tuning and transfer (issue 5) ---
     train_per_class: int | None = opt(None, "keep at most N training images per class (seeded): low-data runs and quick budgets", min=1)
+    classes: str | None = opt(
+        None, "comma-separated class names to keep in train, valid and test (e.g. 'cat,dog,horse'): a relabelled subset"
+    )
+    init_from: str | None = opt(
+        None,
+        "a run folder (runs/<name>) to fine-tune from: its arch, width, normalization and body weights; the head is new, "
+        "sized for this run's classes",
+    )
+    freeze: str = opt(
+        "bn",
+        "what trains during the frozen epochs: 'bn' the head + every BatchNorm layer (fastai's freeze, train_bn=True); "
+        "'head' only the head (BatchNorm weights and running statistics frozen too); 'none' no frozen phase",
+        choices=("bn", "head", "none"),
+    )
+    trainable_groups: int = opt(
+        1, "layer groups trained during the frozen epochs, counted from the head: learn.freeze_to(-n); 1 = the head", min=1
+    )
+    lr_mult: float = opt(
+        100.0, "discriminative rates after unfreezing: slice(lr/2/lr_mult, lr/2) across the layer groups (fastai fine_tune)", min=1.0
+    )
     # --- training toolkit: logging, checkpoints, regularization, adversarial (issue 7) ---
     # adversarial training (Goodfellow et al. 2015 FGSM; Madry et al. 2018 PGD): perturbations in pixel space [0, 1]
     adv: str = opt(
@@ -128,7 +148,7 @@ class TrainConfig:
 
     @property
     def fine_tuning(self) -> bool:
-        return self.pretrained or self.weights is not None
+        return self.pretrained or self.weights is not None or self.init_from is not None
 
     @property
     def base_lr(self) -> float:

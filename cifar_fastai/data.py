@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import shutil
@@ -258,6 +259,29 @@ def per_class_subset(positions: np.ndarray, labels: np.ndarray, n: int, seed: in
     return np.sort(np.concatenate(keep))
 
 
+def keep_classes(index: ImageIndex, classes: str) -> ImageIndex:
+    """Only the named classes (`--classes cat,dog`), in train and test, labels re-indexed in the dataset's order."""
+    wanted = {c.strip() for c in classes.split(",") if c.strip()}
+    unknown = sorted(wanted - set(index.vocab))
+    if unknown:
+        raise DataError(f"--classes: {', '.join(unknown)} not in the data; its classes are {', '.join(index.vocab)}")
+    if len(wanted) < 2:
+        raise DataError("--classes: name at least 2 classes (a classifier needs two)")
+    vocab = [c for c in index.vocab if c in wanted]  # dataset order: the same vocab however the list is typed
+    old = np.array([index.vocab.index(c) for c in vocab])
+    keep = np.flatnonzero(np.isin(index.labels, old))
+    relabel = np.full(len(index.vocab), -1)
+    relabel[old] = np.arange(len(vocab))
+    return dataclasses.replace(
+        index,
+        vocab=vocab,
+        files=[index.files[i] for i in keep],
+        labels=relabel[index.labels[keep]],
+        is_test=index.is_test[keep],
+        images=None if index.images is None else index.images[keep],
+    )
+
+
 def get_data(cfg: TrainConfig, stats: tuple[list[float], list[float]] = cifar_stats, verbose: bool = True) -> CifarData:
     """Resolve `cfg.data`, check it, split it and build the DataLoaders the config asks for."""
     root = resolve_data(cfg.data)
@@ -266,6 +290,8 @@ def get_data(cfg: TrainConfig, stats: tuple[list[float], list[float]] = cifar_st
         shown = "\n".join(f"  {p} ({why})" for p, why in index.bad[:10])
         more = f"\n  ... and {len(index.bad) - 10} more" if len(index.bad) > 10 else ""
         print(f"skipped {len(index.bad)} unreadable image file(s):\n{shown}{more}", flush=True)
+    if cfg.classes:
+        index = keep_classes(index, cfg.classes)
     train, valid, test = split_indices(index, cfg)
     loader = cfg.loader
     if loader == "auto":

@@ -17,6 +17,7 @@ from .config import TrainConfig
 from .data import CifarData, get_data
 from .errors import WeightsError
 from .models.cifar_resnet import zero_init_residual
+from .finetune import run_stats, source_run, weights_cache_hint, weights_file
 from .transforms import cifar_stats, imagenet_stats
 
 
@@ -24,6 +25,9 @@ def norm_stats(cfg: TrainConfig, arch: Arch | None = None) -> tuple[list[float],
     """CIFAR statistics from scratch; the pretrained model's own (ImageNet, or timm's cfg) when fine-tuning."""
     if not cfg.fine_tuning:
         return cifar_stats
+    run = source_run(cfg)
+    if run is not None:  # our own run: the stats it trained with (issue 5)
+        return run_stats(run)
     arch = arch or get_arch(cfg.arch)
     if arch.kind == "timm":
         import timm
@@ -38,7 +42,7 @@ def norm_stats(cfg: TrainConfig, arch: Arch | None = None) -> tuple[list[float],
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Tensors from a torchvision `.pth`, a timm/safetensors file, or a checkpoint dict that nests them."""
-    path = Path(path).expanduser()
+    path = weights_file(path)  # a run folder -> its weights file; never unpickles export.pkl (issue 5)
     if not path.is_file():
         raise WeightsError(f"--weights {path}: no such file")
     try:
@@ -107,7 +111,7 @@ def create_learner(cfg: TrainConfig, data: CifarData, path: str | Path = ".", cb
                 raise
             raise WeightsError(
                 f"could not download ImageNet weights for {arch.name} ({type(e).__name__}): offline? "
-                "pass --weights PATH to a local weights file"
+                f"pass --weights PATH to a local weights file, or place it at {weights_cache_hint(arch)}"
             ) from e
     else:
         model = arch.builder(n_out=n_out, width=cfg.width, dropout=cfg.dropout or 0.0)

@@ -20,6 +20,7 @@ from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
 from .config import TrainConfig
 from .data import CifarData, get_data, inference_dls
 from .errors import TrainingError
+from .finetune import FineTuneReport, fine_tune, resolve_init_from
 from .learner import create_learner, norm_stats
 from .report import Interpretation
 from .safe import save_model
@@ -116,6 +117,9 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
         cbs.append(PlainProgress())
     # --- issue 8: multi-process (a simulated rank failure, for the tests) ---
     cbs += distributed.fault_injection_cbs()
+    # --- issue 5: fine-tuning report ---
+    if cfg.fine_tuning and main:  # rank 0 writes the report
+        cbs.append(FineTuneReport(run_dir.resolve(), cfg.init_from or cfg.weights or "ImageNet weights"))
     # --- issue 7: tensorboard, checkpoints, early stopping, regularization, adversarial ---
     if (adv := adversarial_callback(cfg)) is not None:
         cbs.append(adv)
@@ -128,7 +132,7 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
 def fit(learn, cfg: TrainConfig, cbs: list) -> None:
     """Pretrained weights -> `fine_tune` (frozen head, then discriminative rates); from scratch -> `fit_one_cycle`."""
     if cfg.fine_tuning:
-        learn.fine_tune(cfg.epochs, cfg.base_lr, freeze_epochs=cfg.freeze_epochs, cbs=cbs)
+        fine_tune(learn, cfg, cbs)  # fastai's fine_tune with the freezing choice (finetune.py)
     else:
         learn.fit_one_cycle(cfg.epochs, cfg.base_lr, cbs=cbs)
 
@@ -154,6 +158,7 @@ def learn_size(learn, data: CifarData) -> int:
 def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     """Train (or fine-tune), evaluate once on the test set, export; everything lands in one run folder."""
     t0 = time.perf_counter()
+    cfg = resolve_init_from(cfg)  # --init-from RUN: that run's arch and weights file (issue 5)
     distributed.init(cfg.dist_timeout)  # under torchrun: join the other ranks (no-op in one process)
     main = distributed.is_main()  # only rank 0 writes the run folder and prints; it names the folder for all ranks
     run_dir = Path(distributed.on_main(lambda: str(make_run_dir(cfg))))
@@ -220,6 +225,7 @@ def lr_find(cfg: TrainConfig, verbose: bool = True) -> RunResult:
 
     if distributed.is_distributed():
         raise TrainingError("--lr-find runs in one process: start it with python, not torchrun")
+    cfg = resolve_init_from(cfg)
     run_dir = make_run_dir(cfg.replace(name=cfg.name or f"lr-find-{cfg.arch.replace('/', '-')}"))
     _, learn = prepare(cfg, run_dir, verbose)
     res = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
