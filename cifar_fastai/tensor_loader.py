@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from fastai.data.core import TfmdDL
@@ -23,6 +25,15 @@ class TensorImageSet:
 
     def __getitem__(self, i: int) -> int:
         return i
+
+    @contextmanager
+    def set_split_idx(self, i: int):
+        """Like fastai's `Datasets.set_split_idx`: `learn.tta` uses it to run the training augmentation on any set."""
+        old, self.split_idx = self.split_idx, i
+        try:
+            yield self
+        finally:
+            self.split_idx = old
 
     @contextmanager
     def set_split_idx(self, i: int):

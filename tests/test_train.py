@@ -99,3 +99,12 @@ def test_lr_find_saves_plot_and_suggestions(tiny_data, tmp_path):
 def test_get_learner_two_lines_for_notebooks():
     learn = get_learner("sample", "tiny", bs=32)
     assert list(learn.dls.vocab)[:2] == ["airplane", "automobile"] and learn.dls.train.bs == 32
+
+
+def test_tta_on_the_tensor_loader(tiny_data):
+    """`learn.tta` switches the loader to training augmentation and back (fastai's set_split_idx protocol)."""
+    learn = get_learner(str(tiny_data), "tiny", bs=16)
+    data_dl = learn.dls.valid
+    preds, targs = learn.tta(dl=data_dl, n=2)
+    assert preds.shape == (len(targs), 10) and torch.allclose(preds.sum(1), torch.ones(len(targs)), atol=1e-4)
+    assert data_dl.dataset.split_idx == 1, "validation split restored after TTA"
