@@ -27,3 +27,7 @@ class ModelFileError(CifarFastaiError):
 
 class TrainingError(CifarFastaiError):
     """A run that diverged (NaN/inf loss) or otherwise cannot produce a model."""
+
+
+class ConfigError(CifarFastaiError):
+    """Options that contradict each other, or a run folder that cannot be resumed."""

@@ -15,10 +15,13 @@ from fastcore.basics import noop
 
 from .archs import get_arch
 from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
+from .checkpoint import resume_run
 from .config import TrainConfig
 from .data import CifarData, get_data, inference_dls
 from .errors import TrainingError
 from .learner import create_learner, norm_stats
+from .monitor import monitor_callbacks
+from .regularize import regularization_callbacks
 from .report import Interpretation
 
 
@@ -106,6 +109,8 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
     if not sys.stdout.isatty():
         cbs.append(PlainProgress())
     # --- issue 7: tensorboard, checkpoints, early stopping, regularization, adversarial ---
+    cbs += monitor_callbacks(cfg, run_dir)  # tensorboard, checkpoints, early stopping, resume
+    cbs += regularization_callbacks(cfg)  # random erasing, mixup, cutmix
     # --- issue 9: precision ---
     # --- issue 10: fast recipes ---
     return cbs
@@ -140,7 +145,8 @@ def learn_size(learn, data: CifarData) -> int:
 def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     """Train (or fine-tune), evaluate once on the test set, export; everything lands in one run folder."""
     t0 = time.perf_counter()
-    run_dir = make_run_dir(cfg)
+    # issue 7: --resume continues a run in its own folder with its saved config
+    cfg, run_dir = resume_run(cfg) if cfg.resume else (cfg, make_run_dir(cfg))
     log = print if verbose else noop
     log(f"run folder: {run_dir}")
     data, learn = prepare(cfg, run_dir, verbose)
