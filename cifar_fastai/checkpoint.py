@@ -38,9 +38,14 @@ def save_atomic(obj, path: Path) -> None:
 
 
 def load_checkpoint(path: str | Path) -> dict:
-    """Read a `last.pth` with `weights_only=True` (no code runs on load); fastai's `L` holds the optimizer hypers."""
-    with torch.serialization.safe_globals([L]):
-        return torch.load(path, map_location="cpu", weights_only=True)
+    """Read a `last.pth` with `weights_only=True` (no code runs on load), allowing what fastai's own `load_model`
+    allows: its `L` and numpy scalars (the optimizer hypers hold both)."""
+    allowed = [L, np.dtype, *[getattr(np.dtypes, dt) for dt in np.dtypes.__all__], np.float64(0).__reduce__()[0]]  # numpy._core.multiarray.scalar
+    try:
+        with torch.serialization.safe_globals(allowed):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any failure to read the file means it cannot be resumed from
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
 
 def random_states(learn) -> dict:
@@ -151,6 +156,9 @@ class ResumeFrom(SkipToEpoch):
                     cb.best_epoch = meta["best_epoch"]
                 if isinstance(cb, EarlyStoppingCallback) and meta["best_epoch"] is not None:
                     cb.wait = meta["epochs_done"] - 1 - meta["best_epoch"]  # epochs since the best, as fastai counts
+        # fastai computes `dls.n_inp` lazily by pushing one item through the batch transforms (random crops draw from
+        # torch's RNG) at the first batch of a fit: do it now, as the uninterrupted run did in its first epoch
+        _ = self.learn.dls.n_inp
         set_random_states(self.learn, self.state["random"])  # last: the resumed epochs draw what the lost ones would
 
 
