@@ -40,11 +40,12 @@ def save_atomic(obj, path: Path) -> None:
 def load_checkpoint(path: str | Path) -> dict:
     """Read a `last.pth` with `weights_only=True` (no code runs on load), allowing what fastai's own `load_model`
     allows: its `L` and numpy scalars (the optimizer hypers hold both)."""
-    allowed = [L, np.dtype, *[getattr(np.dtypes, dt) for dt in np.dtypes.__all__], np.float64(0).__reduce__()[0]]  # numpy._core.multiarray.scalar
+    np_scalar = np.float64(0).__reduce__()[0]  # numpy._core.multiarray.scalar, wherever this numpy keeps it
+    allowed = [L, np.dtype, *[getattr(np.dtypes, dt) for dt in np.dtypes.__all__], np_scalar]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any failure to read the file means it cannot be resumed from
+    except Exception as e:  # any failure to read the file means it cannot be resumed from
         raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
 
@@ -79,7 +80,8 @@ class Checkpoint(TrackerCallback):
     Like fastai's `SaveModelCallback`, but atomic and with the position in the schedule; the test set is never seen.
     """
 
-    order = TrackerCallback.order + 1  # after the Recorder has the epoch's values, before EarlyStopping may stop the fit
+    # after the Recorder has the epoch's values, before EarlyStopping may stop the fit
+    order = TrackerCallback.order + 1
 
     def __init__(self, folder: str | Path, monitor: str = "accuracy"):
         super().__init__(monitor=monitor, reset_on_fit=False)  # fine_tune: the best over both fits
@@ -183,7 +185,8 @@ def resume_run(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     meta = load_checkpoint(last)["meta"]
     if meta["epochs_done"] >= saved.epochs:
         raise ConfigError(f"--resume {run_dir}: all {saved.epochs} epochs are already done; nothing to resume")
-    ignored = [f"--{k.replace('_', '-')}" for k, v in cfg.to_dict().items() if k != "resume" and v != getattr(DEFAULTS, k)]
+    given = {k: v for k, v in cfg.to_dict().items() if k != "resume" and v != getattr(DEFAULTS, k)}
+    ignored = [f"--{k.replace('_', '-')}" for k in given]
     if ignored:
         print(f"note: --resume uses the run's saved config; ignoring {' '.join(ignored)}")
     trim_history(run_dir / "history.csv", meta["epochs_done"])

@@ -13,7 +13,7 @@ from fasttransform import Transform
 
 # CIFAR-10 channel statistics, as fastai ships them (fastai.vision.data.cifar_stats).
 cifar_stats = ([0.491, 0.482, 0.447], [0.247, 0.243, 0.261])
-__all__ = ["PadCropFlip", "BatchResize", "batch_tfms_for", "cifar_stats", "imagenet_stats", "random_erase"]
+__all__ = ["BatchResize", "PadCropFlip", "batch_tfms_for", "cifar_stats", "imagenet_stats", "random_erase"]
 
 
 def reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
