@@ -120,6 +120,20 @@ class TrainConfig:
         0, "k-fold cross-validation of the training images: seeded folds, one held out (0: --valid-pct hold-out)", min=0
     )
     fold: int = opt(0, "which of the --folds is the validation fold (0 ... folds-1)", min=0)
+    tensorboard: bool = opt(False, "write TensorBoard logs (loss, metrics, lr, sample predictions) to <run>/tensorboard")
+    checkpoint: bool = opt(True, "save <run>/checkpoints/last.pth every epoch and best.pth by --monitor (for --resume)")
+    monitor: str = opt(
+        "accuracy", "validation value that picks the best checkpoint and drives --patience", choices=("accuracy", "valid_loss")
+    )
+    patience: int = opt(0, "early stopping: stop after this many epochs without a better --monitor value (0: off)", min=0)
+    resume: str | None = opt(
+        None, "continue a killed run from its last checkpoint: runs/<name> (its saved config is used, other options ignored)"
+    )
+    label_smoothing: float = opt(0.0, "label smoothing eps (0: plain cross-entropy; airbench uses 0.2)", min=0.0, max=0.99)
+    mixup: float = opt(0.0, "MixUp Beta(alpha, alpha) alpha (0: off; fastai's default 0.4)", min=0.0)
+    cutmix: float = opt(0.0, "CutMix Beta(alpha, alpha) alpha (0: off; fastai's default 1.0)", min=0.0)
+    cutout: float = opt(0.0, "random erasing: probability that a training image gets a noise rectangle (0: off)", min=0.0, max=1.0)
+    cutout_size: float = opt(0.3, "random erasing: largest erased area as a fraction of the image (fastai RandomErasing sh=0.3)", min=0.01, max=1.0)
     # --- hardware: device and precision (issue 9) ---
     device: str = opt(
         "auto", "'auto': fastai's default_device() (CUDA GPU, else Apple MPS, else CPU); or force cpu, cuda or mps",

@@ -31,3 +31,7 @@ class TrainingError(CifarFastaiError):
 
 class ImageInputError(CifarFastaiError):
     """An uploaded file that is not a usable image (not an image, truncated, empty, too large)."""
+
+
+class ConfigError(CifarFastaiError):
+    """Options that contradict each other, or a run folder that cannot be resumed."""

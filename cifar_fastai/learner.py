@@ -6,7 +6,6 @@ from pathlib import Path
 from urllib.error import URLError
 
 import torch
-from fastai.losses import CrossEntropyLossFlat
 import fastai.callback.schedule  # noqa: F401 - patches fit_one_cycle, fine_tune, lr_find onto Learner
 from fastai.learner import Learner
 from fastai.metrics import accuracy, error_rate
@@ -18,6 +17,7 @@ from .data import CifarData, get_data
 from .errors import WeightsError
 from .models.cifar_resnet import zero_init_residual
 from .finetune import run_stats, source_run, weights_cache_hint, weights_file
+from .regularize import loss_func_for
 from .transforms import cifar_stats, imagenet_stats
 
 
@@ -93,7 +93,7 @@ def create_learner(cfg: TrainConfig, data: CifarData, path: str | Path = ".", cb
     arch = get_arch(cfg.arch)
     n_out = len(data.vocab)
     common = dict(
-        loss_func=CrossEntropyLossFlat(),
+        loss_func=loss_func_for(cfg),  # cross-entropy, or label smoothing (issue 7)
         metrics=[accuracy, error_rate],
         wd=cfg.wd,
         path=Path(path),

@@ -17,11 +17,14 @@ from . import distributed
 from .adversarial import adversarial_callback
 from .archs import get_arch
 from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
+from .checkpoint import resume_run
 from .config import TrainConfig
 from .data import CifarData, get_data, inference_dls
 from .errors import TrainingError
 from .finetune import FineTuneReport, fine_tune, resolve_init_from
 from .learner import create_learner, norm_stats
+from .monitor import monitor_callbacks
+from .regularize import regularization_callbacks
 from .report import Interpretation
 from .safe import save_model
 
@@ -123,6 +126,8 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
     # --- issue 7: tensorboard, checkpoints, early stopping, regularization, adversarial ---
     if (adv := adversarial_callback(cfg)) is not None:
         cbs.append(adv)
+    cbs += monitor_callbacks(cfg, run_dir)  # tensorboard, checkpoints, early stopping, resume
+    cbs += regularization_callbacks(cfg)  # random erasing, mixup, cutmix
     # --- issue 9: precision ---
     cbs += hardware.callbacks(cfg)
     # --- issue 10: fast recipes ---
@@ -158,10 +163,12 @@ def learn_size(learn, data: CifarData) -> int:
 def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     """Train (or fine-tune), evaluate once on the test set, export; everything lands in one run folder."""
     t0 = time.perf_counter()
+    # issue 7: --resume continues a killed run in its own folder with its saved config
+    cfg, resumed_dir = resume_run(cfg) if cfg.resume else (cfg, None)
     cfg = resolve_init_from(cfg)  # --init-from RUN: that run's arch and weights file (issue 5)
     distributed.init(cfg.dist_timeout)  # under torchrun: join the other ranks (no-op in one process)
     main = distributed.is_main()  # only rank 0 writes the run folder and prints; it names the folder for all ranks
-    run_dir = Path(distributed.on_main(lambda: str(make_run_dir(cfg))))
+    run_dir = resumed_dir or Path(distributed.on_main(lambda: str(make_run_dir(cfg))))
     log = print if verbose and main else noop
     log(f"run folder: {run_dir}")
     data, learn = prepare(cfg, run_dir, verbose and main)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from fastai.data.transforms import IntToFloatTensor, Normalize
@@ -11,7 +13,7 @@ from fasttransform import Transform
 
 # CIFAR-10 channel statistics, as fastai ships them (fastai.vision.data.cifar_stats).
 cifar_stats = ([0.491, 0.482, 0.447], [0.247, 0.243, 0.261])
-__all__ = ["PadCropFlip", "BatchResize", "batch_tfms_for", "cifar_stats", "imagenet_stats"]
+__all__ = ["BatchResize", "PadCropFlip", "batch_tfms_for", "cifar_stats", "imagenet_stats", "random_erase"]
 
 
 def reflect(idx: torch.Tensor, n: int) -> torch.Tensor:
@@ -70,3 +72,25 @@ def batch_tfms_for(size: int, stats, augment: bool = True, pad: int = 4) -> list
     if size != 32:
         tfms.append(BatchResize(size))
     return tfms
+
+
+def random_erase(x: torch.Tensor, p: float = 0.5, max_area: float = 0.3, min_aspect: float = 0.3) -> torch.Tensor:
+    """Random erasing (Zhong et al. 2017) per image of a normalized float batch: a N(0,1) noise rectangle.
+
+    fastai's `RandomErasing` erases one rectangle shared by the whole batch (and the whole batch or none of it), fine
+    for item transforms but not for our whole-batch loaders; this draws `p`, area and position for each image.
+    Area in [0.02, max_area] of the image (0.02: the paper's s_l), aspect in [min_aspect, 1/min_aspect] (paper: 0.3).
+    """
+    b, _, h, w = x.shape
+    dev = x.device
+    area = torch.empty(b, device=dev).uniform_(min(0.02, max_area), max_area) * h * w
+    log_r = torch.empty(b, device=dev).uniform_(math.log(min_aspect), -math.log(min_aspect))
+    eh = (area * log_r.exp()).sqrt().round().clamp(1, h).long()
+    ew = (area / log_r.exp()).sqrt().round().clamp(1, w).long()
+    top = (torch.rand(b, device=dev) * (h - eh + 1)).long()
+    left = (torch.rand(b, device=dev) * (w - ew + 1)).long()
+    rows, cols = torch.arange(h, device=dev), torch.arange(w, device=dev)
+    in_rows = (rows[None] >= top[:, None]) & (rows[None] < (top + eh)[:, None])  # (B, H)
+    in_cols = (cols[None] >= left[:, None]) & (cols[None] < (left + ew)[:, None])  # (B, W)
+    mask = in_rows[:, :, None] & in_cols[:, None, :] & (torch.rand(b, 1, 1, device=dev) < p)  # (B, H, W)
+    return torch.where(mask[:, None], torch.randn_like(x), x)
