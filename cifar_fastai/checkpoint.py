@@ -49,6 +49,11 @@ def load_checkpoint(path: str | Path) -> dict:
         raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from e
 
 
+def base_dl(dl):
+    """The loader that owns the shuffle RNG: under torchrun fastai wraps ours in a `DistributedDL` (`.dl`)."""
+    return getattr(dl, "dl", dl)
+
+
 def random_states(learn) -> dict:
     """Every random stream a fit draws from: python, numpy, torch (augmentation) and the DataLoaders' shuffles."""
     np_state = np.random.get_state()
@@ -57,8 +62,8 @@ def random_states(learn) -> dict:
         "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "dl_train": learn.dls.train.rng.getstate(),
-        "dl_valid": learn.dls.valid.rng.getstate(),
+        "dl_train": base_dl(learn.dls.train).rng.getstate(),
+        "dl_valid": base_dl(learn.dls.valid).rng.getstate(),
     }
 
 
@@ -69,8 +74,8 @@ def set_random_states(learn, states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if states["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(states["cuda"])
-    learn.dls.train.rng.setstate(states["dl_train"])
-    learn.dls.valid.rng.setstate(states["dl_valid"])
+    base_dl(learn.dls.train).rng.setstate(states["dl_train"])
+    base_dl(learn.dls.valid).rng.setstate(states["dl_valid"])
 
 
 class Checkpoint(TrackerCallback):

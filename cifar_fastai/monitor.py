@@ -8,17 +8,19 @@ from fastai.callback.core import Callback
 from fastai.callback.tracker import EarlyStoppingCallback
 
 from .checkpoint import Checkpoint, ResumeFrom, checkpoint_dir
+from . import distributed
 from .config import TrainConfig
 
 
 def monitor_callbacks(cfg: TrainConfig, run_dir: Path) -> list[Callback]:
     """The issue-7 logging callbacks a config asks for; all of them watch the validation set, never the test set."""
     cbs: list[Callback] = []
-    if cfg.tensorboard:
+    main = distributed.is_main()  # issue 8: only rank 0 writes logs and checkpoints
+    if cfg.tensorboard and main:
         from .tblog import TensorBoardLogger  # imports tensorboard (~1 s): only when asked for
 
         cbs.append(TensorBoardLogger(run_dir.resolve() / "tensorboard"))
-    if cfg.checkpoint:
+    if cfg.checkpoint and main:
         cbs.append(Checkpoint(checkpoint_dir(run_dir), monitor=cfg.monitor))
     if cfg.patience:
         # reset_on_fit=False: fine_tune's second fit keeps counting from the first fit's best
