@@ -208,7 +208,10 @@ def compare(base: TrainConfig, grid: list[tuple[str, float]], study: str = "comp
     budget = budget_of(base)
     budget_file = folder / "budget.json"
     if budget_file.exists():
-        old = json.loads(budget_file.read_text())
+        # options added to the project since (absent from the old file) count as their defaults
+        defaults = budget_of(TrainConfig())
+        old = {**{k: v for k, v in defaults.items() if k not in json.loads(budget_file.read_text())},
+               **json.loads(budget_file.read_text())}
         changed = sorted(k for k in set(old) | set(budget) if old.get(k) != budget.get(k))
         if changed:
             raise CompareError(
