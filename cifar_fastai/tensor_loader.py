@@ -35,15 +35,6 @@ class TensorImageSet:
         finally:
             self.split_idx = old
 
-    @contextmanager
-    def set_split_idx(self, i: int):
-        """fastai's `Datasets.set_split_idx`: `learn.tta` switches to the training (augmenting) transforms with it."""
-        old, self.split_idx = self.split_idx, i
-        try:
-            yield self
-        finally:
-            self.split_idx = old
-
 
 class TensorDL(TfmdDL):
     """`TfmdDL` whose items are indices and whose `create_batch` gathers them: batch transforms run as usual."""
