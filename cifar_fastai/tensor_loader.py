@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 
-
 import numpy as np
 import torch
 from fastai.data.core import TfmdDL
