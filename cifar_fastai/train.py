@@ -184,7 +184,8 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     try:
         with distributed.distrib_ctx(learn):  # DDP + sharded loaders under torchrun, nothing in one process
             fit(learn, cfg, cbs)
-            valid_loss, *valid_metrics = learn.recorder.values[-1][1:]  # before get_preds, which changes the record
+            if nan.bad_epoch is None:  # a NaN stop may come before any epoch was recorded
+                valid_loss, *valid_metrics = learn.recorder.values[-1][1:]  # before get_preds changes the record
             # every rank predicts its shard of the test set and fastai gathers them: the whole set on every rank
             # (fastai's to_detach all-gathers whenever WORLD_SIZE > 1, so rank 0 cannot predict alone)
             interp = None if nan.bad_epoch is not None else Interpretation.from_dl(learn, data.test_dl, data.vocab)
