@@ -78,4 +78,4 @@ for _n in ("resnet18", "resnet26", "resnet34", "resnet50"):
     register_arch(f"{TIMM_PREFIX}{_n}", "timm", _n, f"timm {_n}")
 
 # The project's own models register themselves on import.
-from . import models as _models  # noqa: E402,F401
+from . import models as _models  # noqa: F401

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.error import URLError
 
-import torch
 import fastai.callback.schedule  # noqa: F401 - patches fit_one_cycle, fine_tune, lr_find onto Learner
+import torch
 from fastai.learner import Learner
 from fastai.metrics import accuracy, error_rate
 from fastai.vision.learner import create_body, default_split, model_meta, vision_learner
@@ -15,8 +15,8 @@ from .archs import Arch, get_arch
 from .config import TrainConfig
 from .data import CifarData, get_data
 from .errors import WeightsError
-from .models.cifar_resnet import zero_init_residual
 from .finetune import run_stats, source_run, weights_cache_hint, weights_file
+from .models.cifar_resnet import zero_init_residual
 from .regularize import loss_func_for
 from .transforms import cifar_stats, imagenet_stats
 
@@ -52,7 +52,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: no code runs on load
-    except Exception as e:  # noqa: BLE001 - any failure to parse the file is the user's bad file
+    except Exception as e:
         raise WeightsError(f"--weights {path}: not a readable weights file ({type(e).__name__}: {e})") from e
     for key in ("state_dict", "model", "model_state"):
         if isinstance(sd, dict) and isinstance(sd.get(key), dict):

@@ -7,8 +7,8 @@ from pathlib import Path
 from fastai.callback.core import Callback
 from fastai.callback.tracker import EarlyStoppingCallback
 
-from .checkpoint import Checkpoint, ResumeFrom, checkpoint_dir
 from . import distributed
+from .checkpoint import Checkpoint, ResumeFrom, checkpoint_dir
 from .config import TrainConfig
 
 

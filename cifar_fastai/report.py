@@ -7,10 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # files, never windows: runs happen on servers and in CI
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from fastai.interpret import ClassificationInterpretation  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+from fastai.interpret import ClassificationInterpretation
 
 
 class Interpretation(ClassificationInterpretation):
@@ -37,7 +37,7 @@ class Interpretation(ClassificationInterpretation):
         return {
             "accuracy": float((self.decoded == self.targs).float().mean()),
             "loss": float(self.losses.mean()),
-            "n": int(len(self.targs)),
+            "n": len(self.targs),
             "per_class_accuracy": {c: round(float(a), 4) for c, a in zip(self.vocab, per_class)},
             "most_confused": [[a, b, int(k)] for a, b, k in self.most_confused(min_val=1)[:10]],
         }

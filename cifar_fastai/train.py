@@ -12,8 +12,7 @@ import torch
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
-from . import hardware
-from . import distributed
+from . import distributed, hardware
 from .adversarial import adversarial_callback
 from .archs import get_arch
 from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
