@@ -83,10 +83,13 @@ class StopOnNaN(Callback):
 
 
 class HistoryLogger(CSVLogger):
-    """fastai's `CSVLogger` that appends across `fine_tune`'s two fits with one header and a `phase` column."""
+    """fastai's `CSVLogger` that appends across `fine_tune`'s two fits with one header and a `phase` column, and an
+    `elapsed_s` column: wall seconds from `start` (the run's start, data loading included) to the end of the epoch,
+    the x axis of a time-to-accuracy curve (bench/time_to_accuracy.py)."""
 
-    def __init__(self, fname):
+    def __init__(self, fname, start: float | None = None):
         super().__init__(fname, append=True)
+        self.start = time.perf_counter() if start is None else start
 
     def before_fit(self):
         if hasattr(self, "gather_preds"):
@@ -97,11 +100,12 @@ class HistoryLogger(CSVLogger):
         self.phase = "frozen" if getattr(self.opt, "frozen_idx", 0) else "train"
         self.file = path.open("a")
         if fresh:
-            self.file.write(",".join(["phase", *self.recorder.metric_names]) + "\n")
+            self.file.write(",".join(["phase", *self.recorder.metric_names, "elapsed_s"]) + "\n")
         self.old_logger, self.learn.logger = self.logger, self._write_line
 
     def _write_line(self, log):
-        self.file.write(",".join([self.phase, *[str(t) for t in log]]) + "\n")
+        elapsed = f"{time.perf_counter() - self.start:.1f}"
+        self.file.write(",".join([self.phase, *[str(t) for t in log], elapsed]) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())
         self.old_logger(log)

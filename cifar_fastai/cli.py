@@ -12,6 +12,7 @@ import typer
 from .archs import get_arch, list_archs
 from .config import TrainConfig
 from .errors import CifarFastaiError
+from .recipes import apply_recipe
 
 
 def _check_arch(value: str) -> str:
@@ -67,6 +68,14 @@ def with_config_options(fn: Callable, extra: list[inspect.Parameter] = (), exclu
     return fn
 
 
+def explicit_options(ctx: typer.Context | None) -> set[str]:
+    """Names of the options the command line gave (not typer's defaults), so a --recipe leaves them alone."""
+    if ctx is None:
+        return set()
+    sources = {n: ctx.get_parameter_source(n) for n in ctx.params}
+    return {n for n, src in sources.items() if src is not None and src.name != "DEFAULT"}
+
+
 def run_or_exit(job: Callable[[], object]) -> object:
     """Run a job; a user-facing error becomes one line on stderr and a non-zero exit, never a traceback."""
     try:
@@ -76,6 +85,7 @@ def run_or_exit(job: Callable[[], object]) -> object:
         raise typer.Exit(e.exit_code) from None
 
 
+_CTX = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)  # which options were given
 _LIST_ARCHS = inspect.Parameter(
     "list_archs_",
     inspect.Parameter.KEYWORD_ONLY,
@@ -84,7 +94,7 @@ _LIST_ARCHS = inspect.Parameter(
 )
 
 
-def train_command(list_archs_: bool = False, **kwargs) -> None:
+def train_command(ctx: typer.Context | None = None, list_archs_: bool = False, **kwargs) -> None:
     """Train a ResNet on CIFAR-10 from scratch, or fine-tune a pretrained one, into runs/<name>/.
 
     Examples:
@@ -98,9 +108,9 @@ def train_command(list_archs_: bool = False, **kwargs) -> None:
     from .distributed import launch
     from .train import lr_find, train
 
-    cfg = TrainConfig(**kwargs)
+    cfg = run_or_exit(lambda: apply_recipe(TrainConfig(**kwargs), explicit_options(ctx)))  # issue 10: --recipe
     run_or_exit(lambda: launch(lambda: lr_find(cfg) if cfg.lr_find else train(cfg)))  # launch: rank-aware (issue 8)
 
 
 train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-train_app.command(context_settings={"help_option_names": ["-h", "--help"]})(with_config_options(train_command, [_LIST_ARCHS]))
+train_app.command(context_settings={"help_option_names": ["-h", "--help"]})(with_config_options(train_command, [_CTX, _LIST_ARCHS]))

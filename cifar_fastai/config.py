@@ -147,6 +147,13 @@ class TrainConfig:
     )
     channels_last: bool = opt(False, "NHWC memory layout for model and batches (pays on GPUs with mixed precision)")
     # --- fast CPU recipes (issue 10) ---
+    recipe: str | None = opt(
+        None,
+        "named recipe measured on a 2-core CPU: 'fast' (10-minute budget) or 'long' (30 minutes); sets the options "
+        "the command line leaves at their defaults (see the README)",
+        choices=("fast", "long"),
+    )
+    tta: bool = opt(False, "also report test accuracy with test-time augmentation (fastai learn.tta: plain + 4 flip/crop views)")
     # --- multi-process training under torchrun / accelerate launch (issue 8) ---
     dist_timeout: int = opt(
         600,

@@ -293,6 +293,10 @@ def get_data(cfg: TrainConfig, stats: tuple[list[float], list[float]] = cifar_st
     if cfg.classes:
         index = keep_classes(index, cfg.classes)
     train, valid, test = split_indices(index, cfg)
+    if 0 < len(train) < cfg.bs:  # the training loader drops the last partial batch: it would train on nothing
+        if verbose:
+            print(f"--bs {cfg.bs} is more than the {len(train)} training images: using batches of {len(train)}", flush=True)
+        cfg = cfg.replace(bs=len(train))
     loader = cfg.loader
     if loader == "auto":
         loader = "tensor" if index.images is not None else "datablock"

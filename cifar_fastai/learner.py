@@ -16,7 +16,8 @@ from .config import TrainConfig
 from .data import CifarData, get_data
 from .errors import WeightsError
 from .finetune import run_stats, source_run, weights_cache_hint, weights_file
-from .models.cifar_resnet import zero_init_residual
+from .models.cifar_resnet import PatchWhiten, zero_init_residual
+from .recipes import WhitenInit
 from .regularize import loss_func_for
 from .transforms import cifar_stats, imagenet_stats
 
@@ -116,6 +117,8 @@ def create_learner(cfg: TrainConfig, data: CifarData, path: str | Path = ".", cb
     else:
         model = arch.builder(n_out=n_out, width=cfg.width, dropout=cfg.dropout or 0.0)
         learn = Learner(data.dls, model, splitter=arch.splitter or default_split, **common)
+    if any(isinstance(m, PatchWhiten) for m in learn.model.modules()) and not cfg.fine_tuning:
+        learn.add_cb(WhitenInit())  # issue 10: the whitening stem is set from the training images at the first fit
     if cfg.zero_init_residual and not cfg.fine_tuning:  # issue 4; pretrained gammas are never zeroed
         zero_init_residual(learn.model)
     if cfg.weights:

@@ -25,6 +25,7 @@ from .learner import create_learner, norm_stats
 from .monitor import monitor_callbacks
 from .regularize import regularization_callbacks
 from .report import Interpretation
+from .recipes import apply_recipe
 from .safe import save_model
 
 
@@ -111,10 +112,10 @@ def describe(cfg: TrainConfig, data: CifarData) -> dict:
     }
 
 
-def run_callbacks(cfg: TrainConfig, run_dir: Path) -> list:
+def run_callbacks(cfg: TrainConfig, run_dir: Path, start: float | None = None) -> list:
     """The side behaviour of a run, each a fastai callback added for the duration of the fit."""
     main = distributed.is_main()  # issue 8: under torchrun only rank 0 writes and prints
-    cbs = [HistoryLogger(run_dir.resolve() / "history.csv")] if main else []
+    cbs = [HistoryLogger(run_dir.resolve() / "history.csv", start)] if main else []
     if not sys.stdout.isatty() and main:
         cbs.append(PlainProgress())
     # --- issue 8: multi-process (a simulated rank failure, for the tests) ---
@@ -152,6 +153,12 @@ def export(learn, data: CifarData, run_dir: Path, example: Path) -> Path:
     return run_dir / "export.pkl"
 
 
+def test_tta_accuracy(learn, data: CifarData) -> float:
+    """Test accuracy of fastai's `learn.tta`: the plain prediction blended with 4 augmented (crop + flip) views."""
+    preds, targs = learn.tta(dl=data.test_dl)
+    return float((preds.argmax(1) == targs).float().mean())
+
+
 def learn_size(learn, data: CifarData) -> int:
     from .transforms import BatchResize
 
@@ -163,7 +170,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     """Train (or fine-tune), evaluate once on the test set, export; everything lands in one run folder."""
     t0 = time.perf_counter()
     # issue 7: --resume continues a killed run in its own folder with its saved config
-    cfg, resumed_dir = resume_run(cfg) if cfg.resume else (cfg, None)
+    cfg, resumed_dir = resume_run(cfg) if cfg.resume else (apply_recipe(cfg), None)  # issue 10: --recipe
     cfg = resolve_init_from(cfg)  # --init-from RUN: that run's arch and weights file (issue 5)
     distributed.init(cfg.dist_timeout)  # under torchrun: join the other ranks (no-op in one process)
     main = distributed.is_main()  # only rank 0 writes the run folder and prints; it names the folder for all ranks
@@ -179,7 +186,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
         f"{data.n_test} test images; {info['resolved']['validation']}"
     )
     timer, nan = Throughput(), StopOnNaN()
-    cbs = [timer, nan, *run_callbacks(cfg, run_dir)]
+    cbs = [timer, nan, *run_callbacks(cfg, run_dir, start=t0)]
     try:
         with distributed.distrib_ctx(learn):  # DDP + sharded loaders under torchrun, nothing in one process
             fit(learn, cfg, cbs)
@@ -188,6 +195,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
             # every rank predicts its shard of the test set and fastai gathers them: the whole set on every rank
             # (fastai's to_detach all-gathers whenever WORLD_SIZE > 1, so rank 0 cannot predict alone)
             interp = None if nan.bad_epoch is not None else Interpretation.from_dl(learn, data.test_dl, data.vocab)
+            tta = test_tta_accuracy(learn, data) if cfg.tta and interp is not None else None  # issue 10
     except KeyboardInterrupt:
         if main:
             learn.save(run_dir.resolve() / "interrupted", with_opt=True)
@@ -211,6 +219,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
         "most_confused": test["most_confused"],
         "validation": info["resolved"]["validation"],
         "n_test": test["n"],
+        **({"test_accuracy_tta": tta} if tta is not None else {}),
         "skipped_files": [p for p, _ in data.bad],
         "wall_seconds": time.perf_counter() - t0,
         **distributed.global_throughput(timer.stats()),
@@ -219,7 +228,8 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     distributed.broadcast_object(metrics)
     log(
         f"valid accuracy {metrics['valid_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "
-        f"({metrics['train_images_per_s']:.0f} train images/s, {metrics['wall_seconds']:.0f} s)"
+        + (f"test accuracy with TTA {tta:.4f}  " if tta is not None else "")
+        + f"({metrics['train_images_per_s']:.0f} train images/s, {metrics['wall_seconds']:.0f} s)"
     )
     log(f"results in {run_dir}: export.pkl, model.json + model.safetensors, config.json, metrics.json, history.csv, confusion_matrix.png")
     return RunResult(run_dir, metrics)
@@ -232,7 +242,7 @@ def lr_find(cfg: TrainConfig, verbose: bool = True) -> RunResult:
 
     if distributed.is_distributed():
         raise TrainingError("--lr-find runs in one process: start it with python, not torchrun")
-    cfg = resolve_init_from(cfg)
+    cfg = resolve_init_from(apply_recipe(cfg))
     run_dir = make_run_dir(cfg.replace(name=cfg.name or f"lr-find-{cfg.arch.replace('/', '-')}"))
     _, learn = prepare(cfg, run_dir, verbose)
     res = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)

@@ -58,10 +58,12 @@ def test_auto_picks_gpu_and_its_fastest_safe_precision(fake_gpu):
 
 def test_auto_on_cpu_and_mps(no_gpu, monkeypatch):
     assert resolve_device("auto") == CPU
-    assert resolve_precision("auto", CPU) == "fp32", "no AMX: bf16 was measured slower than fp32"
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})
+    assert resolve_precision("auto", CPU) == "fp32", "no bf16 instructions: bf16 was measured slower than fp32"
     assert resolve_precision("bf16", CPU) == "bf16"
-    monkeypatch.setattr(hardware, "cpu_bf16_pays", lambda: True)
-    assert resolve_precision("auto", CPU) == "bf16"
+    for flag in ("avx512_bf16", "amx_bf16"):  # measured faster with AVX-512 BF16; recommended with AMX
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flag=flag: {"avx2", flag})
+        assert resolve_precision("auto", CPU) == "bf16"
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert resolve_device("auto").type == "mps" and resolve_device("mps") == MPS
     assert resolve_precision("auto", MPS) == "fp32"

@@ -242,3 +242,70 @@ def resnet9(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -> nn.Seq
         nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c[3], n_out, bias=False), Scale(0.125)
     )
     return init_weights(nn.Sequential(body, head))
+
+
+# ---- A residual net shaped like the CIFAR-10 speed record's (the fast CPU recipes of issue 10)
+class ConvGroup(nn.Module):
+    """conv - max-pool - BN - GELU, then a residual conv-BN-GELU branch.
+
+    airbench94's ConvGroup (Keller Jordan 2024, github.com/KellerJordan/cifar10-airbench): pooling right after the
+    first conv, so BN and the activation run on a quarter of the pixels (Page 2018, "How to train your ResNet 4");
+    its second conv is made residual here, as in Page's ResNet-9 (`x + branch(x)`), which keeps the net a ResNet.
+    """
+
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
+        self.pool, self.bn1 = nn.MaxPool2d(2), nn.BatchNorm2d(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.act = nn.GELU()
+
+    def zero_init_last(self) -> None:
+        nn.init.zeros_(self.bn2.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.act(self.bn1(self.pool(self.conv1(x))))
+        return x + self.act(self.bn2(self.conv2(x)))
+
+
+class PatchWhiten(nn.Conv2d):
+    """2x2 stride-1 conv (3 -> 24 channels, no padding) that `whiten()` sets to the ZCA-style whitening of the
+    training images' 2x2 patches and freezes (airbench94's first layer; Page 2018, "How to train your ResNet 8")."""
+
+    def __init__(self, width: int = 24):
+        super().__init__(3, width, 2, padding=0, bias=True)
+        # saved with the weights (checkpoints, safetensors), so a trained or reloaded layer is never whitened again
+        self.register_buffer("whitened", torch.zeros((), dtype=torch.bool))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.weight.requires_grad_(not bool(self.whitened))
+
+    @torch.no_grad()
+    def whiten(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+        """Weights from the eigenvectors of the patch covariance of `images` (normalized N x 3 x H x W)."""
+        patches = images.float().unfold(2, 2, 1).unfold(3, 2, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 12)
+        patches = patches - patches.mean(0)
+        eigval, eigvec = torch.linalg.eigh(patches.T @ patches / len(patches))
+        w = (eigvec.T / torch.sqrt(eigval.clamp_min(0) + eps)[:, None]).reshape(12, 3, 2, 2).flip(0)
+        n = self.out_channels // 2
+        self.weight.copy_(torch.cat([w[:n], -w[:n]]))  # +/- pairs: the GELU after it keeps both signs
+        self.weight.requires_grad_(False)  # frozen, as airbench94 does; the bias still trains
+        self.whitened.fill_(True)
+
+
+@register_cifar_model("airbench_resnet", splitter=cifar_split)
+def airbench_resnet(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -> nn.Sequential:
+    """airbench94-shaped residual net (Jordan 2024): 2x2 whitening stem, 3 conv groups of 64/256/256, 1.97M parameters."""
+    c = [channels(x, width) for x in (64, 256, 256)]
+    body = nn.Sequential(
+        OrderedDict(
+            whiten=nn.Sequential(PatchWhiten(24), nn.GELU()),
+            layer1=ConvGroup(24, c[0]),
+            layer2=ConvGroup(c[0], c[1]),
+            layer3=ConvGroup(c[1], c[2]),
+        )
+    )
+    # airbench94's head: 3x3 max-pool of the 4x4 map, bias-free linear, logits x1/9
+    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c[2], n_out, bias=False), Scale(1 / 9))
+    return init_weights(nn.Sequential(body, head))

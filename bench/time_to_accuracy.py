@@ -1,0 +1,128 @@
+"""Time to accuracy of the named recipes: validation accuracy after every epoch against wall time, test at the end.
+
+    python bench/time_to_accuracy.py --data ../shared/data/cifar10-jpeg75.tgz --recipes fast --seeds 0,1,2
+    python bench/time_to_accuracy.py --data sample --recipes fast --epochs 2        # smoke run
+
+Each (recipe, seed) is one `python scripts/train.py --recipe R --seed S` process, timed from its start (imports,
+data loading and the final test + TTA pass included: the wall time a user waits). Runs that already have
+metrics.json are reused, so a stopped benchmark resumes. Writes bench/out/time_to_accuracy.json (every curve, per
+recipe mean and spread of test accuracy and wall time, against the targets of the issue) and a PNG plot.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import typer
+
+REPO = Path(__file__).resolve().parents[1]
+TARGETS = {"fast": (0.91, 600.0), "long": (0.93, 1800.0)}  # issue 10: test accuracy within wall seconds
+
+
+def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str]) -> dict:
+    run_dir = runs / f"{recipe}-seed{seed}"
+    if not (run_dir / "metrics.json").exists():
+        cmd = [sys.executable, str(REPO / "scripts/train.py"), "--recipe", recipe, "--seed", str(seed), "--data", data]
+        cmd += ["--out", str(runs), "--name", run_dir.name, *extra]
+        if run_dir.exists():  # an interrupted run: its checkpoint continues it (same config)
+            cmd = [sys.executable, str(REPO / "scripts/train.py"), "--resume", str(run_dir)]
+        print("$", " ".join(cmd), flush=True)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=REPO)
+        (run_dir / "process_wall.json").write_text(json.dumps({"process_wall_s": time.perf_counter() - t0}))
+    m = json.loads((run_dir / "metrics.json").read_text())
+    wall_file = run_dir / "process_wall.json"
+    process_wall = json.loads(wall_file.read_text())["process_wall_s"] if wall_file.exists() else m["wall_seconds"]
+    startup = process_wall - m["wall_seconds"]  # python + imports before train() started its clock
+    rows = list(csv.DictReader((run_dir / "history.csv").read_text().splitlines()))
+    curve = [(startup + float(r["elapsed_s"]), float(r["accuracy"])) for r in rows if r.get("elapsed_s")]
+    cfg = json.loads((run_dir / "config.json").read_text())
+    return {
+        "recipe": recipe,
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "config": cfg.get("config", cfg),
+        "process_wall_s": process_wall,
+        "train_images_per_s": m["train_images_per_s"],
+        "test_accuracy": m["test_accuracy"],
+        "test_accuracy_tta": m.get("test_accuracy_tta"),
+        "valid_accuracy": m["valid_accuracy"],
+        "curve_wall_s_valid_accuracy": curve,
+    }
+
+
+def summarize(runs: list[dict]) -> dict:
+    def spread(xs):
+        return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs), "std": statistics.pstdev(xs), "n": len(xs)}
+
+    out = {}
+    for recipe in dict.fromkeys(r["recipe"] for r in runs):
+        rs = [r for r in runs if r["recipe"] == recipe]
+        best = [r["test_accuracy_tta"] or r["test_accuracy"] for r in rs]
+        walls = [r["process_wall_s"] for r in rs]
+        s = {"test_accuracy": spread([r["test_accuracy"] for r in rs]), "test_accuracy_reported": spread(best),
+             "process_wall_s": spread(walls)}  # fmt: skip
+        if recipe in TARGETS:
+            acc, secs = TARGETS[recipe]
+            s["target"] = {"test_accuracy": acc, "wall_s": secs, "met_by_mean": s["test_accuracy_reported"]["mean"] >= acc
+                           and s["process_wall_s"]["mean"] <= secs}  # fmt: skip
+        out[recipe] = s
+    return out
+
+
+def plot(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for r in runs:
+        xs, ys = zip(*r["curve_wall_s_valid_accuracy"]) if r["curve_wall_s_valid_accuracy"] else ((), ())
+        line = ax.plot([x / 60 for x in xs], ys, marker="o", ms=3, label=f"{r['recipe']} seed {r['seed']} (valid)")[0]
+        final = r["test_accuracy_tta"] or r["test_accuracy"]
+        ax.plot([r["process_wall_s"] / 60], [final], marker="*", ms=12, color=line.get_color(), ls="none")
+    for recipe, (acc, secs) in TARGETS.items():
+        if any(r["recipe"] == recipe for r in runs):
+            ax.plot([secs / 60], [acc], marker="x", ms=10, color="red", ls="none")
+            ax.annotate(f"{recipe} target", (secs / 60, acc), textcoords="offset points", xytext=(4, 4), color="red")
+    ax.set_xlabel("wall time since the command started (min)")
+    ax.set_ylabel("accuracy")
+    ax.set_title("validation accuracy per epoch; star: final test accuracy (with TTA)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(
+    data: str = typer.Option(str(REPO.parent / "shared/data/cifar10-jpeg75.tgz"), help="--data of the runs"),
+    recipes: str = typer.Option("fast,long", help="named recipes, comma-separated"),
+    seeds: str = typer.Option("0,1,2", help="seeds, comma-separated (one run each per recipe)"),
+    epochs: int | None = typer.Option(None, help="override the recipes' epochs (smoke runs)"),
+    train_per_class: int | None = typer.Option(None, help="override: training images per class (smoke runs)"),
+    out: Path = typer.Option(REPO / "bench/out/time_to_accuracy.json", help="JSON result; the plot is written beside it"),
+) -> None:
+    extra = [*(["--epochs", str(epochs)] if epochs else []), *(["--train-per-class", str(train_per_class)] if train_per_class else [])]
+    runs_dir = out.parent / "tta_runs"
+    results = []
+    for recipe in recipes.split(","):
+        for seed in (int(s) for s in seeds.split(",")):
+            results.append(run_one(recipe, seed, data, runs_dir, extra))
+            out.parent.mkdir(parents=True, exist_ok=True)  # after every run: a stopped bench keeps what it has
+            summary = summarize(results)
+            out.write_text(json.dumps({"command": " ".join(sys.argv), "summary": summary, "runs": results}, indent=2))
+            plot(results, out.with_suffix(".png"))
+    print(json.dumps(summary, indent=2))
+    print(f"written {out} and {out.with_suffix('.png')}")
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,102 @@
+"""Named training recipes (`--recipe fast|long`) for this 2-core CPU, and the callback that whitens the first layer.
+
+A recipe is a set of option values measured together (README "Speed on the CPU", bench/time_to_accuracy.py). It fills
+in every option the command line left at its default; options given with other values win. Every choice is a
+measured one on this machine or a cited trick:
+
+- `airbench_resnet`: the network shape of the CIFAR-10 speed record (airbench94, Keller Jordan 2024), made residual
+  (models/cifar_resnet.py), with its frozen 2x2 patch-whitening first layer (`WhitenInit` below).
+- bf16 autocast + channels_last: 1.6-1.7x the fp32 training step of this net on this CPU (AVX-512 BF16;
+  bench/precision.py); fp32 master weights, so accuracy holds (tests/test_hardware.py).
+- label smoothing 0.2 (airbench94; Szegedy et al. 2016, "Rethinking the Inception Architecture", sec. 7).
+- fastai's one-cycle schedule with AdamW (Smith 2018; Loshchilov & Hutter 2019), batch 512.
+- test-time augmentation: fastai's `learn.tta` (the plain prediction blended with 4 flipped/translated ones;
+  airbench94 evaluates with flip + translate TTA too).
+- a small hold-out (2% = 1,000 images), so 49,000 images train (airbench trains on all 50,000).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, fields
+from typing import Any
+
+import torch
+from fastai.callback.core import Callback
+
+from .config import DEFAULTS, TrainConfig
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    options: dict[str, Any]
+
+
+_COMMON = dict(
+    arch="airbench_resnet", bs=512, label_smoothing=0.2, precision="bf16", channels_last=True, valid_pct=0.02, tta=True
+)
+RECIPES = {
+    r.name: r
+    for r in (
+        Recipe("fast", "airbench-shaped ResNet, short one-cycle: the 10-minute budget", {**_COMMON, "epochs": 8, "lr": 5e-3}),
+        Recipe("long", "airbench-shaped ResNet, longer one-cycle: the 30-minute budget", {**_COMMON, "epochs": 24, "lr": 5e-3}),
+    )
+}
+
+
+def apply_recipe(cfg: TrainConfig, explicit: Collection[str] = ()) -> TrainConfig:
+    """`cfg` with the recipe's value for every option the user did not set.
+
+    `explicit`: option names given on the command line (the CLI knows them, so `--recipe fast --no-tta` keeps
+    `tta=False`); without it (the Python API), an option still at its default counts as not set. Applying twice is
+    harmless: the result is marked, and a marked config is returned as it is.
+    """
+    if cfg.recipe is None or getattr(cfg, "_recipe_applied", False):
+        return cfg
+    if cfg.recipe not in RECIPES:
+        raise ConfigError(f"--recipe {cfg.recipe}: choose one of {', '.join(RECIPES)}")
+    known = {f.name for f in fields(TrainConfig)}
+    changes = {
+        k: v
+        for k, v in RECIPES[cfg.recipe].options.items()
+        if k in known and k not in explicit and getattr(cfg, k) == getattr(DEFAULTS, k)
+    }
+    cfg = cfg.replace(**changes)
+    object.__setattr__(cfg, "_recipe_applied", True)  # not a field: replace(), to_dict() and config.json ignore it
+    return cfg
+
+
+class WhitenInit(Callback):
+    """When training starts, set every not yet whitened `PatchWhiten` layer from up to `n` training images (frozen).
+
+    airbench94 (Jordan 2024) computes its first layer from 5,000 training images the same way; Page 2018 ("How to
+    train your ResNet 8") reports the whitened stem as a few tenths of a percent at short budgets.
+    """
+
+    order = -10  # before the first training batch; prediction (get_preds) never triggers it
+
+    def __init__(self, n: int = 5000):
+        self.n = n
+
+    def before_train(self):
+        from .models.cifar_resnet import PatchWhiten
+
+        # a layer loaded from a checkpoint, a run folder or an earlier fit carries whitened=True
+        layers = [m for m in self.learn.model.modules() if isinstance(m, PatchWhiten) and not m.whitened]
+        if not layers:
+            return
+        xs, count = [], 0
+        with torch.no_grad():
+            for xb, *_ in self.learn.dls.train.new(shuffle=False, drop_last=False):  # even if smaller than a batch
+                xs.append(torch.as_tensor(xb).float().cpu())
+                count += len(xs[-1])
+                if count >= self.n:
+                    break
+        if not xs:  # no training images at all: the layer stays an ordinary trainable conv
+            return
+        images = torch.cat(xs)[: self.n]
+        for layer in layers:
+            layer.whiten(images.to(layer.weight.device))
