@@ -37,6 +37,9 @@ def fake_gpu(monkeypatch):
     return fake
 
 
+REAL_CPU_BF16_PAYS = hardware.cpu_bf16_pays
+
+
 @pytest.fixture
 def no_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -58,6 +61,7 @@ def test_auto_picks_gpu_and_its_fastest_safe_precision(fake_gpu):
 
 def test_auto_on_cpu_and_mps(no_gpu, monkeypatch):
     assert resolve_device("auto") == CPU
+    monkeypatch.setattr(hardware, "cpu_bf16_pays", REAL_CPU_BF16_PAYS)  # no_gpu stubs it; here the flags decide
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma"})
     assert resolve_precision("auto", CPU) == "fp32", "no bf16 instructions: bf16 was measured slower than fp32"
     assert resolve_precision("bf16", CPU) == "bf16"
