@@ -1,6 +1,7 @@
 """Time to accuracy of the named recipes: validation accuracy after every epoch against wall time, test at the end.
 
     python bench/time_to_accuracy.py --data ../shared/data/cifar10-jpeg75.tgz --recipes fast --seeds 0,1,2
+    python bench/time_to_accuracy.py --data ../shared/data/cifar10-jpeg75.tgz --runs fast:0,1,2 --runs long:0
     python bench/time_to_accuracy.py --data sample --recipes fast --epochs 2        # smoke run
 
 Each (recipe, seed) is one `python scripts/train.py --recipe R --seed S` process, timed from its start (imports,
@@ -106,6 +107,7 @@ def main(
     data: str = typer.Option(str(REPO.parent / "shared/data/cifar10-jpeg75.tgz"), help="--data of the runs"),
     recipes: str = typer.Option("fast,long", help="named recipes, comma-separated"),
     seeds: str = typer.Option("0,1,2", help="seeds, comma-separated (one run each per recipe)"),
+    runs: list[str] = typer.Option([], help="recipe:seed,seed,... (repeatable); replaces --recipes/--seeds"),
     epochs: int | None = typer.Option(None, help="override the recipes' epochs (smoke runs)"),
     train_per_class: int | None = typer.Option(None, help="override: training images per class (smoke runs)"),
     out: Path = typer.Option(REPO / "bench/out/time_to_accuracy.json", help="JSON result; the plot is written beside it"),
@@ -113,13 +115,16 @@ def main(
     extra = [*(["--epochs", str(epochs)] if epochs else []), *(["--train-per-class", str(train_per_class)] if train_per_class else [])]
     runs_dir = out.parent / "tta_runs"
     results = []
-    for recipe in recipes.split(","):
-        for seed in (int(s) for s in seeds.split(",")):
-            results.append(run_one(recipe, seed, data, runs_dir, extra))
-            out.parent.mkdir(parents=True, exist_ok=True)  # after every run: a stopped bench keeps what it has
-            summary = summarize(results)
-            out.write_text(json.dumps({"command": " ".join(sys.argv), "summary": summary, "runs": results}, indent=2))
-            plot(results, out.with_suffix(".png"))
+    plan = [(r, int(x)) for r in recipes.split(",") for x in seeds.split(",")]
+    if runs:
+        plan = [(r, int(x)) for spec in runs for r, _, xs in [spec.partition(":")] for x in (xs or "0").split(",")]
+    for recipe, seed in plan:
+        results.append(run_one(recipe, seed, data, runs_dir, extra))
+        out.parent.mkdir(parents=True, exist_ok=True)  # after every run: a stopped bench keeps what it has
+        summary = summarize(results)
+        command = "python bench/time_to_accuracy.py " + " ".join(sys.argv[1:])
+        out.write_text(json.dumps({"command": command, "summary": summary, "runs": results}, indent=2))
+        plot(results, out.with_suffix(".png"))
     print(json.dumps(summary, indent=2))
     print(f"written {out} and {out.with_suffix('.png')}")
 

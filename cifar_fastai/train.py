@@ -23,9 +23,9 @@ from .errors import TrainingError
 from .finetune import FineTuneReport, fine_tune, resolve_init_from
 from .learner import create_learner, norm_stats
 from .monitor import monitor_callbacks
+from .recipes import apply_recipe
 from .regularize import regularization_callbacks
 from .report import Interpretation
-from .recipes import apply_recipe
 from .safe import save_model
 
 

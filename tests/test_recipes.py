@@ -80,8 +80,7 @@ def test_each_recipe_runs_end_to_end_on_tiny_data(recipe, tiny_data, tmp_path):
 def test_cli_options_given_with_a_recipe_win_even_at_their_default(monkeypatch):
     from typer.testing import CliRunner
 
-    import cifar_fastai.distributed as distributed
-    from cifar_fastai import cli
+    from cifar_fastai import cli, distributed
 
     seen = []
     monkeypatch.setattr(distributed, "launch", lambda job: seen.append(job))
