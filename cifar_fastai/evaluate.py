@@ -14,7 +14,7 @@ from .adversarial import robust_accuracy
 from .config import TrainConfig
 from .data import READ_ERRORS, get_data, read_rgb, resolve_data
 from .errors import DataError, ModelFileError
-from .report import Interpretation
+from .report import Interpretation, tta_accuracy
 from .train import write_json
 
 
@@ -137,9 +137,7 @@ def evaluate(
         "skipped_files": skipped,
     }
     if tta:
-        # fastai's TTA: mean of 4 passes with the training augmentation (pad-crop + flip), lerped 0.25 with the plain pass
-        preds, targs = learn.tta(dl=dl)
-        result["tta_accuracy"] = float((preds.argmax(1) == targs).float().mean())
+        result["tta_accuracy"] = tta_accuracy(learn, dl)
     if attack != "none":
         set_seed(0)  # the attacked subset and PGD's random starts are reproducible
         sub = dl.new(shuffle=True) if attack_n else dl  # a random subset: the test loader is ordered by class

@@ -25,7 +25,7 @@ from .learner import create_learner, norm_stats
 from .monitor import monitor_callbacks
 from .recipes import apply_recipe
 from .regularize import regularization_callbacks
-from .report import Interpretation
+from .report import Interpretation, tta_accuracy
 from .safe import save_model
 
 
@@ -153,12 +153,6 @@ def export(learn, data: CifarData, run_dir: Path, example: Path) -> Path:
     return run_dir / "export.pkl"
 
 
-def test_tta_accuracy(learn, data: CifarData) -> float:
-    """Test accuracy of fastai's `learn.tta`: the plain prediction blended with 4 augmented (crop + flip) views."""
-    preds, targs = learn.tta(dl=data.test_dl)
-    return float((preds.argmax(1) == targs).float().mean())
-
-
 def learn_size(learn, data: CifarData) -> int:
     from .transforms import BatchResize
 
@@ -195,7 +189,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
             # every rank predicts its shard of the test set and fastai gathers them: the whole set on every rank
             # (fastai's to_detach all-gathers whenever WORLD_SIZE > 1, so rank 0 cannot predict alone)
             interp = None if nan.bad_epoch is not None else Interpretation.from_dl(learn, data.test_dl, data.vocab)
-            tta = test_tta_accuracy(learn, data) if cfg.tta and interp is not None else None  # issue 10
+            tta = tta_accuracy(learn, data.test_dl) if cfg.tta and interp is not None else None  # issue 10
     except KeyboardInterrupt:
         if main:
             learn.save(run_dir.resolve() / "interrupted", with_opt=True)

@@ -306,6 +306,6 @@ def airbench_resnet(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -
             layer3=ConvGroup(c[1], c[2]),
         )
     )
-    # airbench94's head: 3x3 max-pool of the 4x4 map, bias-free linear, logits x1/9
+    # airbench94's head: max-pool of the final 3x3 map (31 -> 15 -> 7 -> 3 px), bias-free linear, logits x1/9
     head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c[2], n_out, bias=False), Scale(1 / 9))
     return init_weights(nn.Sequential(body, head))
