@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
 import time
@@ -19,7 +20,7 @@ from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
 from .checkpoint import resume_run
 from .config import TrainConfig
 from .data import CifarData, get_data, inference_dls
-from .errors import TrainingError
+from .errors import CifarFastaiError, TrainingError
 from .finetune import FineTuneReport, fine_tune, resolve_init_from
 from .learner import create_learner, norm_stats
 from .monitor import monitor_callbacks
@@ -75,7 +76,17 @@ def setup_runtime(cfg: TrainConfig) -> None:
 
 
 def prepare(cfg: TrainConfig, run_dir: Path, verbose: bool = True):
-    """Seed, data and learner for a run (shared by training and lr-find)."""
+    """Seed, data and learner for a run (shared by training and lr-find); a run folder that a bad --data, --device
+    or --arch leaves empty is removed again, so a failed start leaves nothing behind."""
+    try:
+        return _prepare(cfg, run_dir, verbose)
+    except CifarFastaiError:
+        with contextlib.suppress(OSError):  # not empty, or another rank removed it first
+            run_dir.rmdir()
+        raise
+
+
+def _prepare(cfg: TrainConfig, run_dir: Path, verbose: bool = True):
     setup_runtime(cfg)
     data = get_data(cfg, norm_stats(cfg, get_arch(cfg.arch)), verbose=verbose)
     learn = create_learner(cfg, data, path=run_dir)

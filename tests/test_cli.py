@@ -39,6 +39,7 @@ def test_missing_data_is_one_clear_line(tmp_path):
     assert res.returncode == 1
     assert "error: --data" in res.stderr and "train/<class>" in res.stderr
     assert "Traceback" not in res.stderr
+    assert list(tmp_path.iterdir()) == [], "a failed start leaves no empty run folder behind"
 
 
 def test_wrong_layout_is_one_clear_line(tmp_path):
