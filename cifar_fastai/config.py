@@ -153,7 +153,24 @@ class TrainConfig:
         "the command line leaves at their defaults (see the README)",
         choices=("fast", "long"),
     )
-    tta: bool = opt(False, "also report test accuracy with test-time augmentation (fastai learn.tta: plain + 4 flip/crop views)")
+    optimizer: str = opt(
+        "adam",
+        "from scratch: 'adam' (fastai's AdamW, --wd decoupled) or 'muon' (Muon on conv filters + Nesterov SGD on biases "
+        "and head, airbench94_muon's rates; --lr is Muon's step, ~0.24)",
+        choices=("adam", "muon"),
+    )
+    schedule: str = opt(
+        "one_cycle",
+        "from scratch: 'one_cycle' (fastai fit_one_cycle) or 'linear' (full --lr decaying linearly to 0, airbench94_muon)",
+        choices=("one_cycle", "linear"),
+    )
+    alt_flip: bool = opt(
+        False, "alternating flip (airbench94): a seeded half of the training images mirrored in even epochs, the rest "
+        "in odd ones, instead of random flips (tensor loader)",
+    )
+    tta: bool = opt(
+        False, "also report test accuracy with test-time augmentation (airbench's 6 views: mirror x {none, +1px, -1px} shift)"
+    )
     # --- multi-process training under torchrun / accelerate launch (issue 8) ---
     dist_timeout: int = opt(
         600,

@@ -23,7 +23,7 @@ from fastai.vision.data import ImageBlock
 from PIL import Image
 
 from .config import TrainConfig
-from .errors import DataError
+from .errors import ConfigError, DataError
 from .tensor_loader import TensorDL, TensorImageSet
 from .transforms import batch_tfms_for, cifar_stats
 
@@ -302,6 +302,8 @@ def get_data(cfg: TrainConfig, stats: tuple[list[float], list[float]] = cifar_st
         loader = "tensor" if index.images is not None else "datablock"
     if loader == "tensor" and index.images is None:
         raise DataError(f"--loader tensor needs images of one size; {root} has several: use --loader datablock")
+    if cfg.alt_flip and loader != "tensor":
+        raise ConfigError("--alt-flip needs the tensor loader (images of one size, --loader tensor or auto)")
     build = _tensor_dls if loader == "tensor" else _datablock_dls
     dls, test_dl = build(index, train, valid, test, cfg, stats)
     return CifarData(
@@ -324,12 +326,14 @@ def _tensor_dls(index, train, valid, test, cfg, stats):
 
     def dl(idx, split_idx, train_mode):
         ds = TensorImageSet(images, labels, idx, index.vocab, split_idx)
+        alternate = cfg.alt_flip and train_mode  # the loader mirrors, PadCropFlip only crops
         return TensorDL(
             ds,
+            alt_flip_seed=cfg.seed if alternate else None,
             bs=cfg.bs,
             shuffle=train_mode,
             drop_last=train_mode,
-            after_batch=batch_tfms_for(cfg.size, stats, pad=cfg.crop_pad),
+            after_batch=batch_tfms_for(cfg.size, stats, pad=cfg.crop_pad, flip=not alternate),
             num_workers=workers,
         )
 

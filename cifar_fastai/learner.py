@@ -14,9 +14,10 @@ from fastai.vision.learner import create_body, default_split, model_meta, vision
 from .archs import Arch, get_arch
 from .config import TrainConfig
 from .data import CifarData, get_data
-from .errors import WeightsError
+from .errors import ConfigError, WeightsError
 from .finetune import run_stats, source_run, weights_cache_hint, weights_file
 from .models.cifar_resnet import PatchWhiten, zero_init_residual
+from .optim import muon_opt
 from .recipes import WhitenInit
 from .regularize import loss_func_for
 from .transforms import cifar_stats, imagenet_stats
@@ -89,6 +90,15 @@ def load_body_weights(learn: Learner, arch: Arch, path: str | Path) -> None:
         raise WeightsError(f"--weights {path} does not fit {arch.name}: {' '.join(first)}") from e
 
 
+def opt_settings(cfg: TrainConfig) -> dict:
+    """fastai's AdamW with `--wd`, or (issue 10) Muon + Nesterov SGD, whose groups carry their own weight decay."""
+    if cfg.optimizer == "muon":
+        if cfg.fine_tuning:
+            raise ConfigError("--optimizer muon trains from scratch; fine-tuning uses fastai's AdamW (drop --optimizer)")
+        return {"opt_func": muon_opt(cfg.bs, cfg.base_lr), "wd": None}
+    return {"wd": cfg.wd}
+
+
 def create_learner(cfg: TrainConfig, data: CifarData, path: str | Path = ".", cbs=None) -> Learner:
     """A `Learner` for `cfg.arch` on `data`: `vision_learner` for torchvision/timm, `Learner` + splitter for ours."""
     arch = get_arch(cfg.arch)
@@ -96,7 +106,7 @@ def create_learner(cfg: TrainConfig, data: CifarData, path: str | Path = ".", cb
     common = dict(
         loss_func=loss_func_for(cfg),  # cross-entropy, or label smoothing (issue 7)
         metrics=[accuracy, error_rate],
-        wd=cfg.wd,
+        **opt_settings(cfg),
         path=Path(path),
         cbs=cbs,
     )

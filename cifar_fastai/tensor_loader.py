@@ -37,8 +37,16 @@ class TensorImageSet:
 class TensorDL(TfmdDL):
     """`TfmdDL` whose items are indices and whose `create_batch` gathers them: batch transforms run as usual."""
 
-    def __init__(self, dataset: TensorImageSet, **kwargs):
+    def __init__(self, dataset: TensorImageSet, alt_flip_seed: int | None = None, **kwargs):
         self.vocab = dataset.vocab
+        # issue 10, alternating flip (airbench94, Jordan 2024 sec. 3.6): a seeded half of the images is mirrored in
+        # even epochs and the other half in odd ones (`flip_phase`, set each epoch by recipes.AlternateFlip), so every
+        # image is seen both ways within two epochs instead of at random
+        self.flip_bits = None
+        if alt_flip_seed is not None:
+            gen = torch.Generator().manual_seed(alt_flip_seed)
+            self.flip_bits = torch.randint(0, 2, (len(dataset.images),), generator=gen).bool()
+        self.flip_phase = 0
         super().__init__(dataset, **kwargs)
 
     def create_item(self, s):
@@ -46,7 +54,11 @@ class TensorDL(TfmdDL):
 
     def create_batch(self, b):
         pos = self.dataset.idx[torch.as_tensor(b, dtype=torch.int64)]
-        return TensorImage(self.dataset.images[pos]), TensorCategory(self.dataset.labels[pos])
+        x = self.dataset.images[pos]
+        if self.flip_bits is not None:
+            mirror = self.flip_bits[pos] ^ bool(self.flip_phase)
+            x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+        return TensorImage(x), TensorCategory(self.dataset.labels[pos])
 
     def retain(self, res, b):
         return res

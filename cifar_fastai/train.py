@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from fastai.callback.schedule import ParamScheduler, SchedLin
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
@@ -24,7 +25,7 @@ from .errors import CifarFastaiError, TrainingError
 from .finetune import FineTuneReport, fine_tune, resolve_init_from
 from .learner import create_learner, norm_stats
 from .monitor import monitor_callbacks
-from .recipes import apply_recipe
+from .recipes import AlternateFlip, apply_recipe
 from .regularize import regularization_callbacks
 from .report import Interpretation, tta_accuracy
 from .safe import save_model
@@ -142,13 +143,18 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path, start: float | None = None) -
     # --- issue 9: precision ---
     cbs += hardware.callbacks(cfg)
     # --- issue 10: fast recipes ---
+    if cfg.alt_flip:
+        cbs.append(AlternateFlip())
     return cbs
 
 
 def fit(learn, cfg: TrainConfig, cbs: list) -> None:
-    """Pretrained weights -> `fine_tune` (frozen head, then discriminative rates); from scratch -> `fit_one_cycle`."""
+    """Pretrained weights -> `fine_tune` (frozen head, then discriminative rates); from scratch -> `fit_one_cycle`,
+    or `--schedule linear`: the full rate decaying linearly to 0 (airbench94_muon; fastai's `SchedLin`)."""
     if cfg.fine_tuning:
         fine_tune(learn, cfg, cbs)  # fastai's fine_tune with the freezing choice (finetune.py)
+    elif cfg.schedule == "linear":
+        learn.fit(cfg.epochs, cfg.base_lr, cbs=[*cbs, ParamScheduler({"lr": SchedLin(cfg.base_lr, 0.0)})])
     else:
         learn.fit_one_cycle(cfg.epochs, cfg.base_lr, cbs=cbs)
 

@@ -64,11 +64,12 @@ class BatchResize(Transform):
         return TensorImage(F.interpolate(x, size=(self.size, self.size), mode="bilinear", align_corners=False))
 
 
-def batch_tfms_for(size: int, stats, augment: bool = True, pad: int = 4) -> list[Transform]:
-    """The batch pipeline shared by the DataBlock and the tensor loader, so both give the same inputs."""
+def batch_tfms_for(size: int, stats, augment: bool = True, pad: int = 4, flip: bool = True) -> list[Transform]:
+    """The batch pipeline shared by the DataBlock and the tensor loader, so both give the same inputs.
+    `flip=False` when the loader mirrors images itself (the tensor loader's alternating flip)."""
     tfms: list[Transform] = [IntToFloatTensor(), Normalize.from_stats(*stats, cuda=False)]
     if augment:
-        tfms.insert(0, PadCropFlip(pad=pad))
+        tfms.insert(0, PadCropFlip(pad=pad, flip=flip))
     if size != 32:
         tfms.append(BatchResize(size))
     return tfms

@@ -89,3 +89,122 @@ def test_cli_options_given_with_a_recipe_win_even_at_their_default(monkeypatch):
     # the job closes over the config the command built; read it back from the closure
     cfg = next(c.cell_contents for c in seen[0].__closure__ if isinstance(c.cell_contents, TrainConfig))
     assert (cfg.recipe, cfg.arch, cfg.tta, cfg.bs, cfg.epochs) == ("fast", "airbench_resnet", False, 256, 3)
+
+
+# ---- Muon + Nesterov SGD (airbench94_muon), the linear schedule and the 6-view TTA
+def test_muon_groups_split_filters_from_biases_and_head():
+    from cifar_fastai.optim import muon_groups
+
+    model = get_arch("airbench_resnet").builder(n_out=10, width=0.5)
+    groups = muon_groups([list(model.parameters())], bs=500, lr=0.24)
+    filters, biases, head = groups
+    assert filters["muon"] and all(p.ndim == 4 for p in filters["params"])
+    assert all(p.ndim == 1 for p in biases["params"]) and [p.ndim for p in head["params"]] == [2]
+    # the record's summed-loss rates, as mean-loss rates for this batch size: 0.053 and 0.67 per example x 500
+    assert biases["lr_scale"] * 0.24 == pytest.approx(0.053 * 500) and head["lr_scale"] * 0.24 == pytest.approx(0.67 * 500)
+    n = sum(len(g["params"]) for g in groups)
+    assert n == len(list(model.parameters())), "every parameter in exactly one group"
+
+
+def test_newton_schulz_flattens_the_spectrum():
+    from cifar_fastai.optim import newton_schulz
+
+    torch.manual_seed(0)
+    u, _ = torch.linalg.qr(torch.randn(64, 64))
+    v, _ = torch.linalg.qr(torch.randn(576, 64))
+    g = u @ torch.diag(torch.logspace(0, 1, 64)) @ v.T  # wide, singular values 1 ... 10
+    s_out = torch.linalg.svdvals(newton_schulz(g).float())
+    # 3 steps bring the spectrum to about [0.5, 1.5] (Jordan 2024): a 10x spread becomes < 2x
+    assert 0.5 < s_out.min() and s_out.max() < 1.5
+    assert newton_schulz(g.T).shape == (576, 64)
+
+
+def test_muon_sgd_step_matches_torch_sgd_on_the_sgd_groups_and_keeps_filter_norms():
+    from cifar_fastai.optim import MuonSGD
+
+    torch.manual_seed(0)
+    w, b = torch.randn(8, 4, 3, 3, requires_grad=True), torch.randn(8, requires_grad=True)
+    b_ref = b.detach().clone().requires_grad_(True)
+    ours = MuonSGD([dict(params=[w], muon=True), dict(params=[b], momentum=0.85, weight_decay=0.01, lr_scale=2.0)],
+                   lr=0.1, momentum=0.6)  # fmt: skip
+    ref = torch.optim.SGD([b_ref], lr=0.2, momentum=0.85, nesterov=True, weight_decay=0.01)
+    for _ in range(3):
+        grad_w, grad_b = torch.randn_like(w), torch.randn_like(b)
+        w.grad, b.grad, b_ref.grad = grad_w, grad_b, grad_b.clone()
+        ours.step()
+        ref.step()
+    assert torch.allclose(b, b_ref, atol=1e-6)
+    # each step renormalizes the filter bank to sqrt(out_channels), then moves it by lr x an ~orthogonal update
+    assert abs(w.detach().norm() - 8**0.5) < 0.1 * 8**0.5
+
+
+def test_muon_recipe_trains_with_a_linear_decay_to_zero(tiny_data):
+    from cifar_fastai.data import get_data
+    from cifar_fastai.learner import create_learner, norm_stats
+    from cifar_fastai.train import fit
+
+    cfg = TrainConfig(data=str(tiny_data), arch="airbench_resnet", width=0.25, optimizer="muon", schedule="linear",
+                      lr=0.2, bs=32, epochs=3, valid_pct=0.2)  # fmt: skip
+    learn = create_learner(cfg, get_data(cfg, norm_stats(cfg)))
+    fit(learn, cfg, [])
+    lrs = learn.recorder.lrs
+    assert lrs[0] == pytest.approx(0.2) and lrs[-1] < 0.2 / len(lrs) * 1.5 and lrs == sorted(lrs, reverse=True)
+    assert learn.recorder.values[-1][-2] > 0.5, "learns the colour-coded tiny set"  # accuracy
+    stem = learn.model[0].whiten[0]
+    assert bool(stem.whitened) and not stem.weight.requires_grad, "Muon leaves the whitened stem alone"
+
+
+def test_muon_refuses_fine_tuning(tmp_path):
+    from cifar_fastai.errors import ConfigError
+    from cifar_fastai.learner import opt_settings
+
+    with pytest.raises(ConfigError, match="from scratch"):
+        opt_settings(TrainConfig(optimizer="muon", pretrained=True))
+
+
+def test_airbench_batchnorm_trains_only_its_bias():
+    model = get_arch("airbench_resnet").builder(n_out=10)
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and all(not m.weight.requires_grad and m.bias.requires_grad and m.eps == 1e-12 for m in bns)
+
+
+def test_tta_views_are_the_mirror_and_one_pixel_shifts():
+    from types import SimpleNamespace
+
+    from cifar_fastai.report import TTA_VIEWS, View
+
+    x = torch.arange(2 * 3 * 6 * 6, dtype=torch.float32).reshape(2, 3, 6, 6)
+
+    def view(flip, shift):
+        cb = View(flip, shift)
+        cb.learn = SimpleNamespace(xb=(x,))
+        cb.before_batch()
+        return cb.learn.xb[0]
+
+    assert torch.equal(view(False, 0), x) and torch.equal(view(True, 0), x.flip(-1))
+    down_right, up_left = view(False, -1), view(False, 1)
+    assert torch.equal(down_right[..., 1:, 1:], x[..., :-1, :-1]) and torch.equal(up_left[..., :-1, :-1], x[..., 1:, 1:])
+    assert torch.equal(view(True, 1), up_left.flip(-1))
+    assert sum(w for *_, w in TTA_VIEWS) == pytest.approx(1.0) and len({v[:2] for v in TTA_VIEWS}) == 6
+
+
+def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_epochs():
+    from cifar_fastai.tensor_loader import TensorDL, TensorImageSet
+
+    n = 400
+    images = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+    images[..., 0] = 255  # a bright left column: mirrored images have it on the right
+    ds = TensorImageSet(images, torch.zeros(n, dtype=torch.long), torch.arange(n).numpy(), ["a"], 0)
+    dl = TensorDL(ds, alt_flip_seed=0, bs=n)
+
+    def mirrored(phase):
+        dl.flip_phase = phase
+        x, _ = dl.create_batch(list(range(n)))
+        return x[:, 0, 0, -1] == 255
+
+    first, second = mirrored(0), mirrored(1)
+    assert 0.4 < first.float().mean() < 0.6, "about half in the first epoch"
+    assert torch.equal(first, ~second), "the other half in the next"
+    assert torch.equal(mirrored(2 % 2), first)
+    plain = TensorDL(ds, bs=n).create_batch(list(range(n)))[0]
+    assert torch.equal(plain, images), "without the option the loader never mirrors"

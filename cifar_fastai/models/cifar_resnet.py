@@ -251,21 +251,30 @@ class ConvGroup(nn.Module):
     airbench94's ConvGroup (Keller Jordan 2024, github.com/KellerJordan/cifar10-airbench): pooling right after the
     first conv, so BN and the activation run on a quarter of the pixels (Page 2018, "How to train your ResNet 4");
     its second conv is made residual here, as in Page's ResNet-9 (`x + branch(x)`), which keeps the net a ResNet.
+    airbench's BatchNorm: scale frozen at 1 (only the bias trains), eps 1e-12, running-stat momentum 0.4 (its
+    "momentum 0.6" in the other convention); its convs start as Dirac (identity) on the first c_in filters.
     """
 
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
-        self.pool, self.bn1 = nn.MaxPool2d(2), nn.BatchNorm2d(c_out)
-        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out)
+        self.pool, self.bn1 = nn.MaxPool2d(2), airbench_bn(c_out)
+        self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), airbench_bn(c_out)
         self.act = nn.GELU()
 
-    def zero_init_last(self) -> None:
-        nn.init.zeros_(self.bn2.weight)
+    def dirac_init(self) -> None:
+        for conv in (self.conv1, self.conv2):
+            nn.init.dirac_(conv.weight.data[: conv.in_channels])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.pool(self.conv1(x))))
         return x + self.act(self.bn2(self.conv2(x)))
+
+
+def airbench_bn(c: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c, eps=1e-12, momentum=0.4)
+    bn.weight.requires_grad_(False)  # the scale stays 1; the bias trains
+    return bn
 
 
 class PatchWhiten(nn.Conv2d):
@@ -306,6 +315,14 @@ def airbench_resnet(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -
             layer3=ConvGroup(c[1], c[2]),
         )
     )
-    # airbench94's head: max-pool of the final 3x3 map (31 -> 15 -> 7 -> 3 px), bias-free linear, logits x1/9
-    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c[2], n_out, bias=False), Scale(1 / 9))
-    return init_weights(nn.Sequential(body, head))
+    # airbench94_muon's head: max-pool of the final 3x3 map (31 -> 15 -> 7 -> 3 px), bias-free linear with unit-std
+    # weights, logits divided by the feature count
+    head = nn.Sequential(
+        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Dropout(dropout), nn.Linear(c[2], n_out, bias=False), Scale(1 / c[2])
+    )
+    model = init_weights(nn.Sequential(body, head))
+    for group in (body.layer1, body.layer2, body.layer3):
+        group.dirac_init()
+    with torch.no_grad():
+        head[3].weight.div_(head[3].weight.std())
+    return model
