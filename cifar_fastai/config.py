@@ -156,7 +156,8 @@ class TrainConfig:
     optimizer: str = opt(
         "adam",
         "from scratch: 'adam' (fastai's AdamW, --wd decoupled) or 'muon' (Muon on conv filters + Nesterov SGD on biases "
-        "and head, airbench94_muon's rates; --lr is Muon's step, ~0.24)",
+        "and head, airbench94_muon's rates, for airbench_resnet with --schedule linear; --lr is Muon's step, ~0.12-0.24; "
+        "--wd is not used: the groups carry airbench's weight decay)",
         choices=("adam", "muon"),
     )
     schedule: str = opt(

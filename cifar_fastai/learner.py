@@ -95,7 +95,13 @@ def opt_settings(cfg: TrainConfig) -> dict:
     if cfg.optimizer == "muon":
         if cfg.fine_tuning:
             raise ConfigError("--optimizer muon trains from scratch; fine-tuning uses fastai's AdamW (drop --optimizer)")
-        return {"opt_func": muon_opt(cfg.bs, cfg.base_lr), "wd": None}
+        if cfg.arch != "airbench_resnet":
+            # its SGD rates are airbench94_muon's, set for that net's bias-free head with logits / width
+            raise ConfigError(f"--optimizer muon is tuned for --arch airbench_resnet only (got {cfg.arch}): use adam")
+        if cfg.schedule != "linear":
+            # fit_one_cycle also cycles momentum (0.95-0.85-0.95) in every group, overriding Muon's 0.6 and SGD's 0.85
+            raise ConfigError("--optimizer muon needs --schedule linear (fastai's one-cycle would override its momentum)")
+        return {"opt_func": muon_opt(cfg.bs, cfg.base_lr), "wd": None}  # its groups carry their own weight decay
     return {"wd": cfg.wd}
 
 
@@ -129,8 +135,9 @@ def create_learner(cfg: TrainConfig, data: CifarData, path: str | Path = ".", cb
         learn = Learner(data.dls, model, splitter=arch.splitter or default_split, **common)
     if any(isinstance(m, PatchWhiten) for m in learn.model.modules()) and not cfg.fine_tuning:
         learn.add_cb(WhitenInit())  # issue 10: the whitening stem is set from the training images at the first fit
-    if cfg.zero_init_residual and not cfg.fine_tuning:  # issue 4; pretrained gammas are never zeroed
-        zero_init_residual(learn.model)
+    # issue 4; pretrained gammas are never zeroed (airbench_resnet's BatchNorm scales are frozen at 1: nothing to zero)
+    if cfg.zero_init_residual and not cfg.fine_tuning and zero_init_residual(learn.model) == 0:
+        print(f"note: --zero-init-residual: {cfg.arch} has no residual branch to zero (ignored)")
     if cfg.weights:
         load_body_weights(learn, arch, cfg.weights)
         learn.freeze()

@@ -29,23 +29,34 @@ def newton_schulz(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.T
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16()
     x = x / (x.norm() + eps)  # top singular value <= 1
-    wide = x.size(0) > x.size(1)
-    if wide:
+    tall = x.size(0) > x.size(1)
+    if tall:  # iterate on the smaller Gram matrix
         x = x.T
     for _ in range(steps):
         s = x @ x.T
         x = a * x + (b * s + c * s @ s) @ x
-    return (x.T if wide else x).to(g.dtype)
+    return (x.T if tall else x).to(g.dtype)
 
 
 class MuonSGD(torch.optim.Optimizer):
     """One torch optimizer for two kinds of group: `muon=True` (conv filters) and Nesterov SGD with coupled weight
     decay (everything else). A group's step size is `lr * lr_scale`, so fastai can schedule one `lr` for all groups."""
 
-    def __init__(self, params, lr: float = 0.24, momentum: float = 0.6, nesterov: bool = True, weight_decay: float = 0.0):
+    def __init__(
+        self, params, lr: float = 0.24, momentum: float = 0.6, nesterov: bool = True, weight_decay: float = 0.0
+    ):
         if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(f"MuonSGD: lr, momentum and weight_decay must be >= 0 (got {lr}, {momentum}, {weight_decay})")
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=weight_decay, muon=False, lr_scale=1.0)
+            raise ValueError(
+                f"MuonSGD: lr, momentum and weight_decay must be >= 0 (got {lr}, {momentum}, {weight_decay})"
+            )
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "nesterov": nesterov,
+            "weight_decay": weight_decay,
+            "muon": False,
+            "lr_scale": 1.0,
+        }
         super().__init__(params, defaults)
 
     @torch.no_grad()
@@ -82,11 +93,13 @@ def muon_groups(params, bs: int, lr: float) -> list[dict]:
             continue
         seen.add(id(p))
         (filters if p.ndim == 4 else biases if p.ndim == 1 else head).append(p)
-    groups = [dict(params=filters, muon=True, momentum=0.6, lr_scale=1.0)]
+    groups = [{"params": filters, "muon": True, "momentum": 0.6, "lr_scale": 1.0}]
     for ps, rate in ((biases, BIAS_LR), (head, HEAD_LR)):
         if ps:
             # per-step decay WD_PER_EXAMPLE * bs, as in airbench (torch SGD multiplies weight_decay by the group's lr)
-            groups.append(dict(params=ps, momentum=0.85, lr_scale=rate * bs / lr, weight_decay=WD_PER_EXAMPLE / rate))
+            groups.append(
+                {"params": ps, "momentum": 0.85, "lr_scale": rate * bs / lr, "weight_decay": WD_PER_EXAMPLE / rate}
+            )
     return groups
 
 

@@ -74,7 +74,14 @@ class View(Callback):
 
 # airbench94's TTA (Keller Jordan 2024, github.com/KellerJordan/cifar10-airbench, `infer_mirror_translate`): the image
 # and its mirror weigh 1/2, the four 1-px diagonal shifts of both 1/2 together; the logits are averaged
-TTA_VIEWS = [(False, 0, 0.25), (True, 0, 0.25), (False, -1, 0.125), (True, -1, 0.125), (False, 1, 0.125), (True, 1, 0.125)]
+TTA_VIEWS = [
+    (False, 0, 0.25),
+    (True, 0, 0.25),
+    (False, -1, 0.125),
+    (True, -1, 0.125),
+    (False, 1, 0.125),
+    (True, 1, 0.125),
+]
 
 
 def tta_preds(learn, dl) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,6 +67,6 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
 def run_script(*args: str, cwd: Path | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
     """Run a repo script as a user would, in a fresh process."""
     env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    return subprocess.run(
-        [sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout
+    return subprocess.run(  # the caller asserts on the return code, so no check=True
+        [sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )

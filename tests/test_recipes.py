@@ -101,7 +101,9 @@ def test_muon_groups_split_filters_from_biases_and_head():
     assert filters["muon"] and all(p.ndim == 4 for p in filters["params"])
     assert all(p.ndim == 1 for p in biases["params"]) and [p.ndim for p in head["params"]] == [2]
     # the record's summed-loss rates, as mean-loss rates for this batch size: 0.053 and 0.67 per example x 500
-    assert biases["lr_scale"] * 0.24 == pytest.approx(0.053 * 500) and head["lr_scale"] * 0.24 == pytest.approx(0.67 * 500)
+    assert biases["lr_scale"] * 0.24 == pytest.approx(0.053 * 500) and head["lr_scale"] * 0.24 == pytest.approx(
+        0.67 * 500
+    )
     n = sum(len(g["params"]) for g in groups)
     assert n == len(list(model.parameters())), "every parameter in exactly one group"
 
@@ -114,7 +116,7 @@ def test_newton_schulz_flattens_the_spectrum():
     v, _ = torch.linalg.qr(torch.randn(576, 64))
     g = u @ torch.diag(torch.logspace(0, 1, 64)) @ v.T  # wide, singular values 1 ... 10
     s_out = torch.linalg.svdvals(newton_schulz(g).float())
-    # 3 steps bring the spectrum to about [0.5, 1.5] (Jordan 2024): a 10x spread becomes < 2x
+    # 3 steps bring the spectrum into about [0.5, 1.5] (Jordan 2024): a 10x spread becomes < 3x
     assert 0.5 < s_out.min() and s_out.max() < 1.5
     assert newton_schulz(g.T).shape == (576, 64)
 
@@ -125,8 +127,8 @@ def test_muon_sgd_step_matches_torch_sgd_on_the_sgd_groups_and_keeps_filter_norm
     torch.manual_seed(0)
     w, b = torch.randn(8, 4, 3, 3, requires_grad=True), torch.randn(8, requires_grad=True)
     b_ref = b.detach().clone().requires_grad_(True)
-    ours = MuonSGD([dict(params=[w], muon=True), dict(params=[b], momentum=0.85, weight_decay=0.01, lr_scale=2.0)],
-                   lr=0.1, momentum=0.6)  # fmt: skip
+    groups = [{"params": [w], "muon": True}, {"params": [b], "momentum": 0.85, "weight_decay": 0.01, "lr_scale": 2.0}]
+    ours = MuonSGD(groups, lr=0.1, momentum=0.6)
     ref = torch.optim.SGD([b_ref], lr=0.2, momentum=0.85, nesterov=True, weight_decay=0.01)
     for _ in range(3):
         grad_w, grad_b = torch.randn_like(w), torch.randn_like(b)
@@ -154,12 +156,25 @@ def test_muon_recipe_trains_with_a_linear_decay_to_zero(tiny_data):
     assert bool(stem.whitened) and not stem.weight.requires_grad, "Muon leaves the whitened stem alone"
 
 
-def test_muon_refuses_fine_tuning(tmp_path):
+def test_muon_refuses_what_its_rates_were_not_set_for():
     from cifar_fastai.errors import ConfigError
     from cifar_fastai.learner import opt_settings
 
-    with pytest.raises(ConfigError, match="from scratch"):
-        opt_settings(TrainConfig(optimizer="muon", pretrained=True))
+    ok = TrainConfig(arch="airbench_resnet", optimizer="muon", schedule="linear")
+    assert opt_settings(ok)["wd"] is None
+    for bad, match in [
+        (ok.replace(pretrained=True), "from scratch"),
+        (ok.replace(arch="resnet18"), "airbench_resnet only"),
+        (ok.replace(schedule="one_cycle"), "schedule linear"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            opt_settings(bad)
+
+
+def test_a_recipe_with_pretrained_weights_keeps_adamw():
+    cfg = apply_recipe(TrainConfig(recipe="fast", pretrained=True))
+    assert (cfg.optimizer, cfg.schedule, cfg.lr) == ("adam", "one_cycle", None)
+    assert cfg.alt_flip and cfg.tta, "the rest of the recipe still applies"
 
 
 def test_airbench_batchnorm_trains_only_its_bias():
@@ -183,7 +198,9 @@ def test_tta_views_are_the_mirror_and_one_pixel_shifts():
 
     assert torch.equal(view(False, 0), x) and torch.equal(view(True, 0), x.flip(-1))
     down_right, up_left = view(False, -1), view(False, 1)
-    assert torch.equal(down_right[..., 1:, 1:], x[..., :-1, :-1]) and torch.equal(up_left[..., :-1, :-1], x[..., 1:, 1:])
+    assert torch.equal(down_right[..., 1:, 1:], x[..., :-1, :-1]) and torch.equal(
+        up_left[..., :-1, :-1], x[..., 1:, 1:]
+    )
     assert torch.equal(view(True, 1), up_left.flip(-1))
     assert sum(w for *_, w in TTA_VIEWS) == pytest.approx(1.0) and len({v[:2] for v in TTA_VIEWS}) == 6
 
@@ -205,6 +222,23 @@ def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_epochs():
     first, second = mirrored(0), mirrored(1)
     assert 0.4 < first.float().mean() < 0.6, "about half in the first epoch"
     assert torch.equal(first, ~second), "the other half in the next"
-    assert torch.equal(mirrored(2 % 2), first)
     plain = TensorDL(ds, bs=n).create_batch(list(range(n)))[0]
     assert torch.equal(plain, images), "without the option the loader never mirrors"
+
+
+def test_alternate_flip_callback_sets_the_phase_from_the_epoch_even_through_a_wrapper():
+    from types import SimpleNamespace
+
+    from cifar_fastai.recipes import AlternateFlip
+    from cifar_fastai.tensor_loader import TensorDL, TensorImageSet
+
+    ds = TensorImageSet(
+        torch.zeros(8, 3, 4, 4, dtype=torch.uint8), torch.zeros(8, dtype=torch.long), torch.arange(8).numpy(), ["a"], 0
+    )
+    for wrap in (lambda dl: dl, lambda dl: SimpleNamespace(dl=dl)):  # plain, and like fastai's DistributedDL
+        dl = TensorDL(ds, alt_flip_seed=0, bs=8)
+        cb = AlternateFlip()
+        for epoch, phase in [(0, 0), (3, 1), (4, 0)]:  # parity of the epoch, so a resumed run flips the same way
+            cb.learn = SimpleNamespace(dls=SimpleNamespace(train=wrap(dl)), epoch=epoch)
+            cb.before_epoch()
+            assert dl.flip_phase == phase
