@@ -51,7 +51,7 @@ def cpu_bf16_pays() -> bool:
     """bf16 autocast speeds up CPU training only where the CPU has bf16 instructions: AVX-512 BF16 or Intel AMX.
 
     Measured on a 2-core AMD EPYC with AVX-512 BF16 (bench/train_speed.py, README "Speed on the CPU"): resnet18
-    trains 1.28x faster with bf16 + channels_last than in fp32. Measured on one with AVX2 only (bench/precision.py):
+    trains 1.23-1.28x faster with bf16 + channels_last than in fp32 (two runs). Measured on one with AVX2 only (bench/precision.py):
     slower than fp32 (every bf16 operation converted in software). AMX: PyTorch's "Leverage Intel AMX"
     tutorial recommends bf16 autocast there.
     """

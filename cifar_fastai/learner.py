@@ -92,6 +92,8 @@ def load_body_weights(learn: Learner, arch: Arch, path: str | Path) -> None:
 
 def opt_settings(cfg: TrainConfig) -> dict:
     """fastai's AdamW with `--wd`, or (issue 10) Muon + Nesterov SGD, whose groups carry their own weight decay."""
+    if cfg.fine_tuning and cfg.schedule != "one_cycle":
+        raise ConfigError("--schedule linear is for training from scratch; fine-tuning runs fastai's fine_tune schedule")
     if cfg.optimizer == "muon":
         if cfg.fine_tuning:
             raise ConfigError("--optimizer muon trains from scratch; fine-tuning uses fastai's AdamW (drop --optimizer)")

@@ -13,7 +13,7 @@ github.com/KellerJordan/cifar10-airbench):
   83.6/83.4/80.5% test accuracy, bs 1000 lr 0.24 80.8%, bs 250 lr 0.06 83.2%; bs 250 also trains ~15% more images/s
   than bs 500 on this CPU (1,165 vs ~1,000).
 - crop padding 2 and alternating flip (`AlternateFlip` below): airbench's augmentation.
-- bf16 autocast + channels_last: resnet18 trained 1.28x faster than in fp32 through our path on this CPU (AVX-512
+- bf16 autocast + channels_last: resnet18 trained 1.23x faster than in fp32 through our path on this CPU (AVX-512
   BF16; bench/train_speed.py, README); fp32 master weights, so accuracy holds (tests/test_hardware.py).
 - label smoothing 0.2 (airbench94; Szegedy et al. 2016, "Rethinking the Inception Architecture", sec. 7).
 - test-time augmentation: airbench's 6 views (mirror x {none, 1-px shifts}; report.tta_preds).

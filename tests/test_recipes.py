@@ -166,6 +166,7 @@ def test_muon_refuses_what_its_rates_were_not_set_for():
         (ok.replace(pretrained=True), "from scratch"),
         (ok.replace(arch="resnet18"), "airbench_resnet only"),
         (ok.replace(schedule="one_cycle"), "schedule linear"),
+        (TrainConfig(pretrained=True, schedule="linear"), "from scratch"),
     ]:
         with pytest.raises(ConfigError, match=match):
             opt_settings(bad)
