@@ -19,10 +19,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "bench/out/time_to_accuracy.json"
 TARGETS = {"fast": (0.91, 600.0), "long": (0.93, 1800.0)}  # issue 10: test accuracy within wall seconds
 
 
@@ -107,10 +109,10 @@ def main(
     data: str = typer.Option(str(REPO.parent / "shared/data/cifar10-jpeg75.tgz"), help="--data of the runs"),
     recipes: str = typer.Option("fast,long", help="named recipes, comma-separated"),
     seeds: str = typer.Option("0,1,2", help="seeds, comma-separated (one run each per recipe)"),
-    runs: list[str] = typer.Option([], help="recipe:seed,seed,... (repeatable); replaces --recipes/--seeds"),
+    runs: Annotated[list[str] | None, typer.Option(help="recipe:seed,seed,... (repeatable); replaces --recipes/--seeds")] = None,
     epochs: int | None = typer.Option(None, help="override the recipes' epochs (smoke runs)"),
     train_per_class: int | None = typer.Option(None, help="override: training images per class (smoke runs)"),
-    out: Path = typer.Option(REPO / "bench/out/time_to_accuracy.json", help="JSON result; the plot is written beside it"),
+    out: Annotated[Path, typer.Option(help="JSON result; the plot is written beside it")] = DEFAULT_OUT,
 ) -> None:
     extra = [*(["--epochs", str(epochs)] if epochs else []), *(["--train-per-class", str(train_per_class)] if train_per_class else [])]
     runs_dir = out.parent / "tta_runs"

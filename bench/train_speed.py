@@ -18,6 +18,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import typer
@@ -27,6 +28,7 @@ from cifar_fastai.data import resolve_data
 from cifar_fastai.train import train
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "bench/out/train_speed.json"
 
 
 def docs_recipe(root: Path, per_class: int, bs: int = 64) -> dict:
@@ -125,7 +127,7 @@ def main(
     bs: int = typer.Option(256, help="batch size for the bare step and our path"),
     train_per_class: int = typer.Option(500, help="training images per class for the epoch runs"),
     steps: int = typer.Option(10, help="timed bare steps"),
-    out: Path = typer.Option(REPO / "bench/out/train_speed.json", help="JSON result file"),
+    out: Annotated[Path, typer.Option(help="JSON result file")] = DEFAULT_OUT,
 ) -> None:
     torch.set_num_threads(os.cpu_count() or 1)
     root = resolve_data(data)

@@ -169,6 +169,10 @@ class TrainConfig:
         False, "alternating flip (airbench94): a seeded half of the training images mirrored in even epochs, the rest "
         "in odd ones, instead of random flips (tensor loader)",
     )
+    progressive: int = opt(
+        0, "progressive resizing: train the first epochs on batches downscaled to this many px, growing by 4 px per "
+        "stage to --size (equal shares of the epochs; the last at full size); 0: off", min=0,
+    )
     tta: bool = opt(
         False, "also report test accuracy with test-time augmentation (airbench's 6 views: mirror x {none, +1px, -1px} shift)"
     )

@@ -42,12 +42,21 @@ class TensorDL(TfmdDL):
         # issue 10, alternating flip (airbench94, Jordan 2024 sec. 3.6): a seeded half of the images is mirrored in
         # even epochs and the other half in odd ones (`flip_phase`, set each epoch by recipes.AlternateFlip), so every
         # image is seen both ways within two epochs instead of at random
-        self.flip_bits = None
+        self.flip_bits, self.alt_flip_seed = None, alt_flip_seed
         if alt_flip_seed is not None:
             gen = torch.Generator().manual_seed(alt_flip_seed)
             self.flip_bits = torch.randint(0, 2, (len(dataset.images),), generator=gen).bool()
         self.flip_phase = 0
         super().__init__(dataset, **kwargs)
+
+    def new(self, dataset=None, cls=None, **kwargs):
+        """fastai's `new` (same transforms and settings), keeping the alternating flip unless told otherwise."""
+        if cls is None or issubclass(cls, TensorDL):
+            kwargs.setdefault("alt_flip_seed", self.alt_flip_seed)
+        res = super().new(dataset, cls, **kwargs)
+        if getattr(res, "flip_bits", None) is not None:
+            res.flip_phase = self.flip_phase
+        return res
 
     def create_item(self, s):
         return 0 if s is None else s

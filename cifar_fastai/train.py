@@ -21,11 +21,11 @@ from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
 from .checkpoint import resume_run
 from .config import TrainConfig
 from .data import CifarData, get_data, inference_dls
-from .errors import CifarFastaiError, TrainingError
+from .errors import CifarFastaiError, ConfigError, TrainingError
 from .finetune import FineTuneReport, fine_tune, resolve_init_from
 from .learner import create_learner, norm_stats
 from .monitor import monitor_callbacks
-from .recipes import AlternateFlip, apply_recipe
+from .recipes import AlternateFlip, ProgressiveResize, apply_recipe
 from .regularize import regularization_callbacks
 from .report import Interpretation, tta_accuracy
 from .safe import save_model
@@ -89,6 +89,8 @@ def prepare(cfg: TrainConfig, run_dir: Path, verbose: bool = True):
 
 def _prepare(cfg: TrainConfig, run_dir: Path, verbose: bool = True):
     setup_runtime(cfg)
+    if cfg.progressive and not 8 <= cfg.progressive < cfg.size:
+        raise ConfigError(f"--progressive {cfg.progressive}: the start size must be at least 8 and below --size {cfg.size}")
     data = get_data(cfg, norm_stats(cfg, get_arch(cfg.arch)), verbose=verbose)
     learn = create_learner(cfg, data, path=run_dir)
     rt = hardware.place(learn, data, cfg)  # issue 9: model + DataLoaders onto the chosen device
@@ -145,6 +147,8 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path, start: float | None = None) -
     # --- issue 10: fast recipes ---
     if cfg.alt_flip:
         cbs.append(AlternateFlip())
+    if cfg.progressive:
+        cbs.append(ProgressiveResize(cfg.progressive, cfg.size))
     return cbs
 
 

@@ -225,6 +225,9 @@ def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_epochs():
     assert torch.equal(first, ~second), "the other half in the next"
     plain = TensorDL(ds, bs=n).create_batch(list(range(n)))[0]
     assert torch.equal(plain, images), "without the option the loader never mirrors"
+    copy = dl.new(shuffle=False)  # fastai's DataLoader.new, as lr_find, get_preds and callbacks use it
+    assert torch.equal(copy.flip_bits, dl.flip_bits) and copy.flip_phase == dl.flip_phase == 1
+    assert dl.new(alt_flip_seed=None).flip_bits is None, "and can be told to drop it"
 
 
 def test_alternate_flip_callback_sets_the_phase_from_the_epoch_even_through_a_wrapper():
@@ -243,3 +246,56 @@ def test_alternate_flip_callback_sets_the_phase_from_the_epoch_even_through_a_wr
             cb.learn = SimpleNamespace(dls=SimpleNamespace(train=wrap(dl)), epoch=epoch)
             cb.before_epoch()
             assert dl.flip_phase == phase
+
+
+def test_progressive_sizes_grow_in_equal_stages_and_end_at_full_size():
+    from cifar_fastai.recipes import progressive_size
+
+    assert [progressive_size(e, 16, 20, 32) for e in range(16)] == [20] * 4 + [24] * 4 + [28] * 4 + [32] * 4
+    assert [progressive_size(e, 3, 24, 32) for e in range(3)] == [24, 28, 32]
+    assert progressive_size(0, 1, 24, 32) == 32, "a one-epoch run trains at full size"
+    assert [progressive_size(e, 2, 20, 32) for e in range(2)] == [20, 32], "fewer epochs than stages: still ends at 32"
+    assert [progressive_size(e, 18, 20, 32) for e in range(18)] == [20] * 5 + [24] * 4 + [28] * 5 + [32] * 4
+
+
+class _SizeSpy:
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, learn):
+        self.seen.append((learn.epoch, learn.training, tuple(learn.xb[0].shape[-2:])))
+
+
+def test_progressive_resize_shrinks_training_batches_only(tiny_data):
+    from fastai.callback.core import Callback
+
+    from cifar_fastai.data import get_data
+    from cifar_fastai.learner import create_learner, norm_stats
+    from cifar_fastai.recipes import ProgressiveResize
+    from cifar_fastai.train import fit
+
+    spy = _SizeSpy()
+
+    class Spy(Callback):
+        order = 50  # after ProgressiveResize
+
+        def before_batch(self):
+            spy(self.learn)
+
+    cfg = TrainConfig(data=str(tiny_data), arch="airbench_resnet", width=0.25, bs=32, epochs=3, valid_pct=0.2,
+                      channels_last=True)  # fmt: skip
+    learn = create_learner(cfg, get_data(cfg, norm_stats(cfg)))
+    fit(learn, cfg, [ProgressiveResize(24, 32), Spy()])
+    train_sizes = {e: s for e, t, s in spy.seen if t}
+    assert train_sizes == {0: (24, 24), 1: (28, 28), 2: (32, 32)}
+    assert {s for _, t, s in spy.seen if not t} == {(32, 32)}, "validation stays at full size"
+
+
+def test_progressive_runs_from_the_cli_and_refuses_a_start_above_the_size(tiny_data, tmp_path):
+    res = run_script("scripts/train.py", "--data", str(tiny_data), "--arch", "airbench_resnet", "--width", "0.25",
+                     "--epochs", "2", "--bs", "32", "--progressive", "24", "--out", str(tmp_path), "--name", "p")  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert json.loads((tmp_path / "p" / "config.json").read_text())["config"]["progressive"] == 24
+    bad = run_script("scripts/train.py", "--data", str(tiny_data), "--progressive", "32", "--out", str(tmp_path))
+    assert bad.returncode != 0 and "--progressive 32" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
+    assert not any(p.name.startswith("resnet18") for p in tmp_path.iterdir()), "no empty run folder left behind"
