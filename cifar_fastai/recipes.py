@@ -18,8 +18,9 @@ github.com/KellerJordan/cifar10-airbench):
 - label smoothing 0.2 (airbench94; Szegedy et al. 2016, "Rethinking the Inception Architecture", sec. 7).
 - test-time augmentation: airbench's 6 views (mirror x {none, 1-px shifts}; report.tta_preds).
 - a small hold-out (2% = 1,000 images), so 49,000 images train (airbench trains on all 50,000).
-- `long`: progressive resizing from 20 px (`ProgressiveResize` below; not in airbench): its steps are ~2.7x / 1.9x /
-  1.45x faster at 20 / 24 / 28 px than at 32 px on this CPU, so 18 epochs cost about what 11 full-size ones did.
+- progressive resizing from 20 px (`ProgressiveResize` below; not in airbench). In the `long` benchmark run a
+  full-width epoch took 45-47 s at 20 px, 61-68 s at 24, 79-85 s at 28 and 109-111 s at 32 (its history.csv), so 18
+  growing epochs took less time than 11 at 32 px had (24.0 vs 25.4 min) and scored higher (README).
 """
 
 from __future__ import annotations
@@ -55,8 +56,8 @@ RECIPES = {
         # epochs (89.42%, 8.3 min) and the former half width at 32 px for 12 (89.31%, 9.7 min; the host drifts ~15%)
         Recipe("fast", "airbench-shaped ResNet at 3/4 width, Muon, 10 epochs growing from 20 to 32 px: the 10-minute budget",
                {**_COMMON, "width": 0.75, "epochs": 10, "progressive": 20}),
-        # 18 epochs (5 at 20 px, 4 at 24, 5 at 28, 4 at 32) of 45-111 s: 24.0 min, 91.07% with TTA (README); the
-        # former 11 epochs at 32 px took 25.4 min for 90.94%
+        # 18 epochs (5 at 20 px, 4 at 24, 5 at 28, 4 at 32) of 45-111 s: 23.0-24.3 min, 91.18% with TTA over 3 seeds
+        # (README); the former 11 epochs at 32 px took 25.4 min for 90.94% (one seed)
         Recipe("long", "airbench-shaped ResNet at full width, Muon, 18 epochs growing from 20 to 32 px: the 30-minute budget",
                {**_COMMON, "width": 1.0, "epochs": 18, "progressive": 20}),
     )
@@ -148,8 +149,8 @@ class ProgressiveResize(Callback):
     size (the last stage, and validation, test and export, stay at full size).
 
     Progressive resizing: fast.ai's DAWNBench ImageNet entry (Howard et al. 2018, "Now anyone can train Imagenet in
-    18 minutes") and EfficientNetV2's progressive learning (Tan & Le 2021, sec. 4). On this CPU a step of
-    `airbench_resnet` is ~1.5x faster at 28 px and ~1.9x at 24 px than at 32 px, so a budget buys more epochs. The
+    18 minutes") and EfficientNetV2's progressive learning (Tan & Le 2021, sec. 4). On this CPU an epoch of
+    `airbench_resnet` at 20 px takes about 40% of one at 32 px (module docstring), so a budget buys more epochs. The
     resize is one antialiased bilinear `F.interpolate` of the whole augmented batch (its memory layout kept).
     """
 
