@@ -159,11 +159,13 @@ class ProgressiveResize(Callback):
     def __init__(self, start: int, full: int):
         self.start, self.full = start, full
 
+    def before_train(self):  # once per epoch, not per batch
+        self.size = progressive_size(self.epoch, self.n_epoch, self.start, self.full)
+
     def before_batch(self):
         if not self.training:
             return
-        size = progressive_size(self.epoch, self.n_epoch, self.start, self.full)
-        x = self.learn.xb[0]
+        size, x = self.size, self.learn.xb[0]
         if size >= x.shape[-1]:
             return
         fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
