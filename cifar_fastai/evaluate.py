@@ -137,7 +137,7 @@ def evaluate(
         "skipped_files": skipped,
     }
     if tta:
-        result["tta_accuracy"] = tta_accuracy(learn, dl)
+        result["tta_accuracy"] = tta_accuracy(learn, dl, plain=interp.logits)
     if attack != "none":
         set_seed(0)  # the attacked subset and PGD's random starts are reproducible
         sub = dl.new(shuffle=True) if attack_n else dl  # a random subset: the test loader is ordered by class

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from fastai.callback.core import Callback
 from fastai.interpret import ClassificationInterpretation
 from fastai.torch_core import TensorImage
-from fastcore.basics import noop
+from fastcore.basics import getcallable, noop
 
 
 class Interpretation(ClassificationInterpretation):
@@ -26,9 +26,13 @@ class Interpretation(ClassificationInterpretation):
         self.decoded = preds.argmax(dim=1)
 
     @classmethod
-    def from_dl(cls, learn, dl, vocab: list[str]) -> Interpretation:
-        preds, targs, losses = learn.get_preds(dl=dl, with_loss=True)
-        return cls(learn, dl, vocab, preds, targs, losses)
+    def from_dl(cls, learn, dl, vocab: list[str], cbs: list | None = None) -> Interpretation:
+        """Predict `dl` once; `cbs`: callbacks for the pass (a run's precision and memory layout). The raw logits
+        stay on the result as `logits` (the plain view of `tta_preds`)."""
+        logits, targs, losses = learn.get_preds(dl=dl, with_loss=True, cbs=cbs, act=noop)
+        interp = cls(learn, dl, vocab, getcallable(learn.loss_func, "activation")(logits), targs, losses)
+        interp.logits = logits
+        return interp
 
     def confusion_matrix(self) -> np.ndarray:
         n = len(self.vocab)
@@ -56,7 +60,7 @@ class Interpretation(ClassificationInterpretation):
 class View(Callback):
     """Show the model a mirrored and/or shifted copy of each batch (normalized images): one test-time view."""
 
-    order = 100  # after the batch transforms; the precision callbacks only wrap the forward pass
+    order = -5  # before `ChannelsLastInputs` (-1) re-lays the batch out and autocast (10) wraps the forward pass
 
     def __init__(self, flip: bool, shift: int):
         self.flip, self.shift = flip, shift
@@ -84,17 +88,23 @@ TTA_VIEWS = [
 ]
 
 
-def tta_preds(learn, dl) -> tuple[torch.Tensor, torch.Tensor]:
+def tta_preds(
+    learn, dl, cbs: list | None = None, plain: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Weighted mean logits over `TTA_VIEWS` (deterministic, unlike fastai's random-augmentation `learn.tta`), and
-    the targets. Each view is one `learn.get_preds` pass with a `View` callback, so precision and device hold."""
+    the targets. Each view is one `learn.get_preds` pass with a `View` callback (plus `cbs`: a run's precision and
+    memory layout); `plain`: the logits of the unchanged view if already predicted (`Interpretation.logits`)."""
     total, targs = None, None
     for flip, shift, weight in TTA_VIEWS:
-        logits, targs = learn.get_preds(dl=dl, cbs=[View(flip, shift)], act=noop)
+        if plain is not None and not flip and not shift:
+            logits = plain  # the targets come with the other views
+        else:
+            logits, targs = learn.get_preds(dl=dl, cbs=[View(flip, shift), *(cbs or [])], act=noop)
         total = logits.float() * weight if total is None else total + logits.float() * weight
     return total, targs
 
 
-def tta_accuracy(learn, dl) -> float:
+def tta_accuracy(learn, dl, cbs: list | None = None, plain: torch.Tensor | None = None) -> float:
     """Test accuracy with `tta_preds` (6 views)."""
-    preds, targs = tta_preds(learn, dl)
+    preds, targs = tta_preds(learn, dl, cbs, plain)
     return float((preds.argmax(1) == targs).float().mean())

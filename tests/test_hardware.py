@@ -151,11 +151,32 @@ def test_cpu_bf16_training_step_matches_fp32(tiny_data):
     assert all(torch.isfinite(torch.tensor(v)) for v in learn.recorder.values[-1][:2])
 
 
-def test_bf16_trained_export_predicts_in_fp32_and_fp32_export_in_bf16(tiny_data, tiny_run, tmp_path, capsys):
+class PassSpy(PredDtype):
+    """One entry per fit or prediction pass (fastai calls `before_fit` for both): output dtype, input layout."""
+
+    def __init__(self):
+        self.passes = []
+
+    def before_fit(self):
+        self.passes.append({})
+
+    def after_pred(self):
+        x = self.xb[0]
+        self.passes[-1].update(dtype=self.pred.dtype, nhwc=x.is_contiguous(memory_format=torch.channels_last))
+
+
+def test_bf16_trained_export_predicts_in_fp32_and_fp32_export_in_bf16(
+    tiny_data, tiny_run, tmp_path, capsys, monkeypatch
+):
+    spy = PassSpy()
+    fit_time = hardware.callbacks
+    monkeypatch.setattr(hardware, "callbacks", lambda cfg: [*fit_time(cfg), spy])
     res = train(
         TrainConfig(data=str(tiny_data), arch="tiny", epochs=1, bs=16, lr=1e-2, out=str(tmp_path), name="bf16",
-                    precision="bf16", device="cpu", channels_last=True),
+                    precision="bf16", device="cpu", channels_last=True, tta=True),
     )  # fmt: skip
+    # the fit, the test pass and the other 5 TTA views all ran under the run's precision and memory layout
+    assert spy.passes == [{"dtype": torch.bfloat16, "nhwc": True}] * 7  # the plain view is predicted once
     line = [x for x in capsys.readouterr().out.splitlines() if x.startswith("hardware:")]
     assert line and "precision bf16" in line[0] and "device cpu" in line[0] and "channels_last on" in line[0]
     resolved = json.loads((res.run_dir / "config.json").read_text())

@@ -206,6 +206,21 @@ def test_tta_views_are_the_mirror_and_one_pixel_shifts():
     assert sum(w for *_, w in TTA_VIEWS) == pytest.approx(1.0) and len({v[:2] for v in TTA_VIEWS}) == 6
 
 
+def test_tta_reuses_the_plain_test_pass_without_changing_the_result(tiny_data):
+    from cifar_fastai.data import get_data
+    from cifar_fastai.learner import create_learner, norm_stats
+    from cifar_fastai.report import Interpretation, tta_preds
+
+    cfg = TrainConfig(data=str(tiny_data), arch="airbench_resnet", width=0.25, bs=32, valid="test")
+    data = get_data(cfg, norm_stats(cfg))
+    learn = create_learner(cfg, data)
+    interp = Interpretation.from_dl(learn, data.test_dl, data.vocab)
+    assert torch.allclose(interp.preds, interp.logits.softmax(1)) and interp.preds.argmax(1).equal(interp.decoded)
+    full, targs = tta_preds(learn, data.test_dl)
+    reused, targs2 = tta_preds(learn, data.test_dl, plain=interp.logits)
+    assert torch.allclose(full, reused, atol=1e-5) and targs.equal(targs2) and targs.equal(interp.targs)
+
+
 def test_alternating_flip_mirrors_each_image_in_exactly_one_of_two_epochs():
     from cifar_fastai.tensor_loader import TensorDL, TensorImageSet
 
