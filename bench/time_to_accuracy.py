@@ -8,6 +8,11 @@ Each (recipe, seed) is one `python scripts/train.py --recipe R --seed S` process
 data loading and the final test + TTA pass included: the wall time a user waits). Runs that already have
 metrics.json are reused, so a stopped benchmark resumes. Writes bench/out/time_to_accuracy.json (every curve, per
 recipe mean and spread of test accuracy and wall time, against the targets of the issue) and a PNG plot.
+
+This shared host's speed drifts by 20% and more from hour to hour, and the targets are wall times, so right before
+and after each run the benchmark also measures the host against the issue's two anchors (`host_speed`): the bare
+training step of resnet18 (fp32, bs 256, channels_last; issue: about 1,200 images/s) and the fastai-docs recipe
+(issue: about 320 images/s; on the shipped sample), both from bench/train_speed.py.
 """
 
 from __future__ import annotations
@@ -28,9 +33,31 @@ DEFAULT_OUT = REPO / "bench/out/time_to_accuracy.json"
 TARGETS = {"fast": (0.91, 600.0), "long": (0.93, 1800.0)}  # issue 10: test accuracy within wall seconds
 
 
-def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str]) -> dict:
+ANCHORS = {"resnet18_bare_step_images_per_s": 1200.0, "docs_recipe_images_per_s": 320.0}  # issue 10's host
+
+
+def host_speed() -> dict:
+    """The host's speed now, in the units of the issue's anchors (a few seconds of work; nothing else should run).
+    The docs recipe reads the shipped sample (2,000 training + 500 test images), the same files on every host."""
+    sys.path.insert(0, str(REPO / "bench"))
+    from train_speed import bare_step, docs_recipe
+
+    from cifar_fastai.data import resolve_data
+
+    bare = bare_step("resnet18", 256, steps=8, channels_last=True, bf16=False)["images_per_s"]
+    docs = docs_recipe(resolve_data("sample"), per_class=200)["epoch_images_per_s"]
+    return {"resnet18_bare_step_images_per_s": bare, "docs_recipe_images_per_s": docs}
+
+
+def mean_speed(before: dict, after: dict) -> dict:
+    speed = {k: (before[k] + after[k]) / 2 for k in ANCHORS}
+    return {**speed, **{f"{k}_vs_issue": speed[k] / v for k, v in ANCHORS.items()}, "before": before, "after": after}
+
+
+def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str], measure_host: bool = True) -> dict:
     run_dir = runs / f"{recipe}-seed{seed}"
     if not (run_dir / "metrics.json").exists():
+        before = host_speed() if measure_host else None
         cmd = [sys.executable, str(REPO / "scripts/train.py"), "--recipe", recipe, "--seed", str(seed), "--data", data]
         cmd += ["--out", str(runs), "--name", run_dir.name, *extra]
         if run_dir.exists():  # an interrupted run: its checkpoint continues it (same config)
@@ -39,6 +66,8 @@ def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str]) -> 
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=REPO)
         (run_dir / "process_wall.json").write_text(json.dumps({"process_wall_s": time.perf_counter() - t0}))
+        if measure_host:
+            (run_dir / "host_speed.json").write_text(json.dumps(mean_speed(before, host_speed()), indent=2))
     m = json.loads((run_dir / "metrics.json").read_text())
     wall_file = run_dir / "process_wall.json"
     process_wall = json.loads(wall_file.read_text())["process_wall_s"] if wall_file.exists() else m["wall_seconds"]
@@ -46,6 +75,7 @@ def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str]) -> 
     rows = list(csv.DictReader((run_dir / "history.csv").read_text().splitlines()))
     curve = [(startup + float(r["elapsed_s"]), float(r["accuracy"])) for r in rows if r.get("elapsed_s")]
     cfg = json.loads((run_dir / "config.json").read_text())
+    speed_file = run_dir / "host_speed.json"  # absent for runs made before the benchmark measured it
     return {
         "recipe": recipe,
         "seed": seed,
@@ -57,6 +87,7 @@ def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str]) -> 
         "test_accuracy_tta": m.get("test_accuracy_tta"),
         "valid_accuracy": m["valid_accuracy"],
         "curve_wall_s_valid_accuracy": curve,
+        "host_speed": json.loads(speed_file.read_text()) if speed_file.exists() else None,
     }
 
 
@@ -71,6 +102,8 @@ def summarize(runs: list[dict]) -> dict:
         walls = [r["process_wall_s"] for r in rs]
         s = {"test_accuracy": spread([r["test_accuracy"] for r in rs]), "test_accuracy_reported": spread(best),
              "process_wall_s": spread(walls)}  # fmt: skip
+        if speeds := [r["host_speed"] for r in rs if r["host_speed"]]:
+            s["host_speed_vs_issue"] = {k: spread([h[f"{k}_vs_issue"] for h in speeds]) for k in ANCHORS}
         if recipe in TARGETS:
             acc, secs = TARGETS[recipe]
             s["target"] = {"test_accuracy": acc, "wall_s": secs, "met_by_mean": s["test_accuracy_reported"]["mean"] >= acc
@@ -113,6 +146,7 @@ def main(
     epochs: int | None = typer.Option(None, help="override the recipes' epochs (smoke runs)"),
     train_per_class: int | None = typer.Option(None, help="override: training images per class (smoke runs)"),
     out: Annotated[Path, typer.Option(help="JSON result; the plot is written beside it")] = DEFAULT_OUT,
+    host_speed: Annotated[bool, typer.Option(help="measure the host against the issue's anchors around each run")] = True,
 ) -> None:
     extra = [*(["--epochs", str(epochs)] if epochs else []), *(["--train-per-class", str(train_per_class)] if train_per_class else [])]
     runs_dir = out.parent / "tta_runs"
@@ -121,7 +155,7 @@ def main(
     if runs:
         plan = [(r, int(x)) for spec in runs for r, _, xs in [spec.partition(":")] for x in (xs or "0").split(",")]
     for recipe, seed in plan:
-        results.append(run_one(recipe, seed, data, runs_dir, extra))
+        results.append(run_one(recipe, seed, data, runs_dir, extra, host_speed))
         out.parent.mkdir(parents=True, exist_ok=True)  # after every run: a stopped bench keeps what it has
         summary = summarize(results)
         command = "python bench/time_to_accuracy.py " + " ".join(sys.argv[1:])

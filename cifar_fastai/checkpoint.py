@@ -118,6 +118,36 @@ class Checkpoint(TrackerCallback):
         save_atomic(state, self.folder / LAST)
 
 
+class RestoreBest(TrackerCallback):
+    """With early stopping (`--patience`): end the fit with the weights of the best epoch by `monitor` on the
+    validation set, so the test pass and the export use them (what fastai's `SaveModelCallback` does at the end of a
+    fit, and Keras' `restore_best_weights`). The copy stays in memory on every process (torchrun ranks need no
+    shared disk); `--resume` reloads it from `best.pth`. Epochs are counted over all fits of a run (fine_tune's
+    frozen and unfrozen ones): `best_epoch` is the kept one, 1-based, `seen` how many ran."""
+
+    order = TrackerCallback.order + 1  # after the Recorder (50); before EarlyStopping (63) may stop the fit
+
+    def __init__(self, monitor: str = "accuracy"):
+        super().__init__(monitor=monitor, reset_on_fit=False)  # fine_tune: the best over both fits
+        self.weights, self.best_epoch, self.best_row, self.seen = None, None, None, 0
+
+    def after_epoch(self):
+        super().after_epoch()
+        self.seen += 1
+        if self.new_best:
+            self.best_epoch, self.best_row = self.seen, list(self.recorder.values[-1])  # train loss, valid loss, metrics
+            self.weights = {k: v.detach().to("cpu", copy=True) for k, v in get_model(self.model).state_dict().items()}
+
+    def after_fit(self):
+        if self.restored:
+            get_model(self.model).load_state_dict(self.weights)
+
+    @property
+    def restored(self) -> bool:
+        """Whether the fit ends on an earlier epoch's weights than its last."""
+        return self.weights is not None and self.best_epoch != self.seen
+
+
 class ResumeFrom(SkipToEpoch):
     """Continue a fit from `last.pth`: fastai's `SkipToEpoch` (what `fit_one_cycle(start_epoch=N)` adds), plus the
     model and optimizer state, the iteration count and random states, and the trackers' best value.
@@ -131,7 +161,7 @@ class ResumeFrom(SkipToEpoch):
     order = TrainEvalCallback.order + 1  # after TrainEvalCallback zeroed the counters; before every other before_epoch
 
     def __init__(self, path: str | Path):
-        self.state = load_checkpoint(path)
+        self.state, self.best_path = load_checkpoint(path), Path(path).with_name(BEST)
         super().__init__(self.state["meta"]["epochs_done"])
         self.paused: dict | None = None
 
@@ -161,6 +191,9 @@ class ResumeFrom(SkipToEpoch):
                 cb.best = meta["best"]
                 if isinstance(cb, Checkpoint):
                     cb.best_epoch = meta["best_epoch"]
+                if isinstance(cb, RestoreBest) and meta["best_epoch"] is not None and self.best_path.is_file():
+                    cb.seen, cb.best_epoch = meta["epochs_done"], meta["best_epoch"] + 1
+                    cb.weights = torch.load(self.best_path, map_location="cpu", weights_only=True)
                 if isinstance(cb, EarlyStoppingCallback) and meta["best_epoch"] is not None:
                     cb.wait = meta["epochs_done"] - 1 - meta["best_epoch"]  # epochs since the best, as fastai counts
         # fastai computes `dls.n_inp` lazily by pushing one item through the batch transforms (random crops draw from

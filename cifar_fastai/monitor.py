@@ -8,7 +8,7 @@ from fastai.callback.core import Callback
 from fastai.callback.tracker import EarlyStoppingCallback
 
 from . import distributed
-from .checkpoint import Checkpoint, ResumeFrom, checkpoint_dir
+from .checkpoint import Checkpoint, RestoreBest, ResumeFrom, checkpoint_dir
 from .config import TrainConfig
 
 
@@ -25,6 +25,7 @@ def monitor_callbacks(cfg: TrainConfig, run_dir: Path) -> list[Callback]:
     if cfg.patience:
         # reset_on_fit=False: fine_tune's second fit keeps counting from the first fit's best
         cbs.append(EarlyStoppingCallback(monitor=cfg.monitor, patience=cfg.patience, reset_on_fit=False))
+        cbs.append(RestoreBest(monitor=cfg.monitor))  # the run ends with its best epoch's weights
     if cfg.resume:
         cbs.append(ResumeFrom(checkpoint_dir(run_dir) / "last.pth"))
     return cbs

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import json
 import sys
 import time
@@ -18,7 +19,7 @@ from . import distributed, hardware
 from .adversarial import adversarial_callback
 from .archs import get_arch
 from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
-from .checkpoint import resume_run
+from .checkpoint import RestoreBest, resume_run
 from .config import TrainConfig
 from .data import CifarData, get_data, inference_dls
 from .errors import CifarFastaiError, ConfigError, TrainingError
@@ -163,6 +164,16 @@ def fit(learn, cfg: TrainConfig, cbs: list) -> None:
         learn.fit_one_cycle(cfg.epochs, cfg.base_lr, cbs=cbs)
 
 
+def best_row(kept: RestoreBest, run_dir: Path) -> list[float]:
+    """The recorder row (train loss, valid loss, metrics) of the epoch `kept` restored; after `--resume` from the
+    run's history.csv when that epoch ran before the interruption."""
+    if kept.best_row is not None:
+        return [float(v) for v in kept.best_row]
+    rows = list(csv.DictReader((run_dir / "history.csv").read_text().splitlines()))
+    row = rows[kept.best_epoch - 1]
+    return [float(v) for k, v in row.items() if k not in ("phase", "epoch", "time", "elapsed_s")]
+
+
 def export(learn, data: CifarData, run_dir: Path, example: Path) -> Path:
     """`learn.export` with DataBlock DataLoaders, so `load_learner(...).predict(path)` works whatever trained it."""
     train_dls = learn.dls
@@ -200,13 +211,15 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
         f"{cfg.arch} on {data.root} ({data.loader} loader): {data.n_train} train / {data.n_valid} valid / "
         f"{data.n_test} test images; {info['resolved']['validation']}"
     )
-    timer, nan = Throughput(), StopOnNaN()
+    timer, nan, kept = Throughput(), StopOnNaN(), None
     cbs = [timer, nan, *run_callbacks(cfg, run_dir, start=t0)]
     try:
         with distributed.distrib_ctx(learn):  # DDP + sharded loaders under torchrun, nothing in one process
             fit(learn, cfg, cbs)
             if nan.bad_epoch is None:  # a NaN stop may come before any epoch was recorded
                 valid_loss, *valid_metrics = learn.recorder.values[-1][1:]  # before get_preds changes the record
+                if (kept := next((cb for cb in cbs if isinstance(cb, RestoreBest) and cb.restored), None)) is not None:
+                    valid_loss, *valid_metrics = best_row(kept, run_dir)[1:]  # the values of the weights kept
             # every rank predicts its shard of the test set and fastai gathers them: the whole set on every rank
             # (fastai's to_detach all-gathers whenever WORLD_SIZE > 1, so rank 0 cannot predict alone)
             # under the fit's precision and memory layout, as the validation passes were (bf16 + channels_last predict
@@ -240,12 +253,15 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
         "validation": info["resolved"]["validation"],
         "n_test": test["n"],
         **({"test_accuracy_tta": tta} if tta is not None else {}),
+        **({"early_stopping": {"epochs_run": kept.seen, "kept_epoch": kept.best_epoch}} if kept is not None else {}),
         "skipped_files": [p for p, _ in data.bad],
         "wall_seconds": time.perf_counter() - t0,
         **distributed.global_throughput(timer.stats()),
     }
     write_json(run_dir / "metrics.json", metrics)
     distributed.broadcast_object(metrics)
+    if kept is not None:
+        log(f"early stopping: the weights of epoch {kept.best_epoch} of {kept.seen} (best validation {cfg.monitor}) are kept")
     log(
         f"valid accuracy {metrics['valid_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "
         + (f"test accuracy with TTA {tta:.4f}  " if tta is not None else "")

@@ -60,9 +60,10 @@ def test_airbench_resnet_is_a_resnet_with_fastai_groups():
 def test_each_recipe_runs_end_to_end_on_tiny_data(recipe, tiny_data, tmp_path):
     """Through the time-to-accuracy benchmark, as a user runs it: train.py --recipe, JSON, curve and plot."""
     out = tmp_path / "tta.json"
+    measure_host = recipe == "fast"  # the host-speed probe (a few seconds) once, not for every recipe
     r = run_script(
         "bench/time_to_accuracy.py", "--data", str(tiny_data), "--recipes", recipe, "--seeds", "0",
-        "--epochs", "2", "--out", str(out),
+        "--epochs", "2", "--out", str(out), "--host-speed" if measure_host else "--no-host-speed",
     )  # fmt: skip
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
@@ -73,6 +74,13 @@ def test_each_recipe_runs_end_to_end_on_tiny_data(recipe, tiny_data, tmp_path):
     assert len(walls) == 2 and walls == sorted(walls) and walls[-1] <= run["process_wall_s"]
     assert result["summary"][recipe]["target"]["test_accuracy"] in (0.91, 0.93)
     assert out.with_suffix(".png").stat().st_size > 0
+    if measure_host:  # the host measured against the issue's anchors, before and after the run
+        speed = run["host_speed"]
+        assert speed["before"].keys() == speed["after"].keys() == {"resnet18_bare_step_images_per_s", "docs_recipe_images_per_s"}
+        assert speed["resnet18_bare_step_images_per_s_vs_issue"] > 0 and speed["docs_recipe_images_per_s"] > 0
+        assert set(result["summary"][recipe]["host_speed_vs_issue"]) == set(speed["before"])
+    else:
+        assert run["host_speed"] is None and "host_speed_vs_issue" not in result["summary"][recipe]
     history = list(csv.DictReader((tmp_path / "tta_runs" / f"{recipe}-seed0" / "history.csv").open()))
     assert [float(h["elapsed_s"]) for h in history] == sorted(float(h["elapsed_s"]) for h in history)
 

@@ -82,6 +82,22 @@ def test_early_stopping_ends_before_the_epochs_run_out(toolkit_run):
     assert (toolkit_run / "export.pkl").is_file(), "an early stop is a normal end: the model is exported"
 
 
+def test_early_stopping_keeps_and_exports_the_best_epochs_weights(toolkit_run):
+    from safetensors.torch import load_file
+
+    history = list(csv.DictReader((toolkit_run / "history.csv").read_text().splitlines()))
+    acc = [float(r["accuracy"]) for r in history]
+    best = acc.index(max(acc))  # the first epoch with the best validation accuracy
+    assert best < len(acc) - 1, "the run went on past its best epoch (patience 1), so the two differ"
+    metrics = json.loads((toolkit_run / "metrics.json").read_text())
+    assert metrics["early_stopping"] == {"epochs_run": len(acc), "kept_epoch": best + 1}
+    assert metrics["valid_accuracy"] == pytest.approx(acc[best]), "the validation figures are the kept epoch's"
+    exported = load_file(toolkit_run / "model.safetensors")
+    best_pth = torch.load(toolkit_run / "checkpoints" / "best.pth", weights_only=True)
+    assert exported.keys() <= best_pth.keys()
+    assert all(torch.equal(exported[k], best_pth[k]) for k in exported), "the export is the best epoch's model"
+
+
 def test_regularization_options_recorded_in_config_json(toolkit_run):
     config = json.loads((toolkit_run / "config.json").read_text())["config"]
     assert (config["label_smoothing"], config["mixup"], config["cutout"], config["patience"]) == (0.1, 0.2, 0.5, 1)
