@@ -191,9 +191,11 @@ class ResumeFrom(SkipToEpoch):
                 cb.best = meta["best"]
                 if isinstance(cb, Checkpoint):
                     cb.best_epoch = meta["best_epoch"]
-                if isinstance(cb, RestoreBest) and meta["best_epoch"] is not None and self.best_path.is_file():
-                    cb.seen, cb.best_epoch = meta["epochs_done"], meta["best_epoch"] + 1
-                    cb.weights = torch.load(self.best_path, map_location="cpu", weights_only=True)
+                if isinstance(cb, RestoreBest):
+                    cb.seen = meta["epochs_done"]
+                    if meta["best_epoch"] is not None and self.best_path.is_file():
+                        cb.best_epoch = meta["best_epoch"] + 1
+                        cb.weights = torch.load(self.best_path, map_location="cpu", weights_only=True)
                 if isinstance(cb, EarlyStoppingCallback) and meta["best_epoch"] is not None:
                     cb.wait = meta["epochs_done"] - 1 - meta["best_epoch"]  # epochs since the best, as fastai counts
         # fastai computes `dls.n_inp` lazily by pushing one item through the batch transforms (random crops draw from

@@ -52,7 +52,8 @@ RECIPES = {
     r.name: r
     for r in (
         # 10 epochs (3 at 20 px, 2 at 24, 3 at 28, 2 at 32) of 28-72 s: 8.7-9.0 min from the command's start to its
-        # exit, 89.60% with TTA over 3 seeds (bench/time_to_accuracy.py, README); 3/4 width beat half width for 18
+        # exit on a fast hour of this host, 10.0-10.9 min on a slow one, 89.6% with TTA over 3 seeds either time
+        # (bench/time_to_accuracy.py and its host-speed probe, README); 3/4 width beat half width for 18
         # epochs (89.42%, 8.3 min) and the former half width at 32 px for 12 (89.31%, 9.7 min; the host drifts ~15%)
         Recipe("fast", "airbench-shaped ResNet at 3/4 width, Muon, 10 epochs growing from 20 to 32 px: the 10-minute budget",
                {**_COMMON, "width": 0.75, "epochs": 10, "progressive": 20}),

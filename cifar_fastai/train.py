@@ -218,7 +218,8 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
             fit(learn, cfg, cbs)
             if nan.bad_epoch is None:  # a NaN stop may come before any epoch was recorded
                 valid_loss, *valid_metrics = learn.recorder.values[-1][1:]  # before get_preds changes the record
-                if (kept := next((cb for cb in cbs if isinstance(cb, RestoreBest) and cb.restored), None)) is not None:
+                kept = next((cb for cb in cbs if isinstance(cb, RestoreBest)), None)  # with --patience
+                if kept is not None and kept.restored:
                     valid_loss, *valid_metrics = best_row(kept, run_dir)[1:]  # the values of the weights kept
             # every rank predicts its shard of the test set and fastai gathers them: the whole set on every rank
             # (fastai's to_detach all-gathers whenever WORLD_SIZE > 1, so rank 0 cannot predict alone)
@@ -253,14 +254,14 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
         "validation": info["resolved"]["validation"],
         "n_test": test["n"],
         **({"test_accuracy_tta": tta} if tta is not None else {}),
-        **({"early_stopping": {"epochs_run": kept.seen, "kept_epoch": kept.best_epoch}} if kept is not None else {}),
+        **({"early_stopping": {"epochs_run": kept.seen, "kept_epoch": kept.best_epoch}} if kept and kept.best_epoch else {}),
         "skipped_files": [p for p, _ in data.bad],
         "wall_seconds": time.perf_counter() - t0,
         **distributed.global_throughput(timer.stats()),
     }
     write_json(run_dir / "metrics.json", metrics)
     distributed.broadcast_object(metrics)
-    if kept is not None:
+    if kept is not None and kept.restored:
         log(f"early stopping: the weights of epoch {kept.best_epoch} of {kept.seen} (best validation {cfg.monitor}) are kept")
     log(
         f"valid accuracy {metrics['valid_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "

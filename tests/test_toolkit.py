@@ -134,6 +134,36 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tiny_data, tmp_pa
     assert resumed["valid_loss"] == pytest.approx(whole["valid_loss"], rel=1e-4)
 
 
+def test_early_stopping_after_resume_keeps_the_best_epoch_from_before_the_interruption(tiny_data, tmp_path, monkeypatch):
+    from safetensors.torch import load_file
+
+    import cifar_fastai.train as train_module
+    from cifar_fastai.errors import TrainingError
+
+    class InterruptAtPerfect(Callback):  # Ctrl-C right after the first epoch with perfect validation accuracy
+        order = 99  # after Checkpoint wrote that epoch as best.pth and last.pth
+
+        def after_epoch(self):
+            if self.recorder.values[-1][2] >= 1.0:
+                raise KeyboardInterrupt
+
+    run_callbacks = train_module.run_callbacks
+    monkeypatch.setattr(train_module, "run_callbacks", lambda *a, **k: [*run_callbacks(*a, **k), InterruptAtPerfect()])
+    cfg = TrainConfig(data=str(tiny_data), epochs=12, patience=2, out=str(tmp_path), name="es", **TINY)
+    with pytest.raises(TrainingError, match="interrupted"):
+        train(cfg, verbose=False)
+    best = json.loads((tmp_path / "es" / "checkpoints" / "best.json").read_text())["epoch"]
+    monkeypatch.setattr(train_module, "run_callbacks", run_callbacks)
+
+    metrics = train(TrainConfig(resume=str(tmp_path / "es")), verbose=False).metrics
+    # nothing beats 1.0: two more epochs, then the weights from before the interruption come back from best.pth
+    assert metrics["early_stopping"] == {"epochs_run": best + 2, "kept_epoch": best}
+    assert metrics["valid_accuracy"] == 1.0, "the kept epoch's validation figures, read back from history.csv"
+    exported = load_file(tmp_path / "es" / "model.safetensors")
+    best_pth = torch.load(tmp_path / "es" / "checkpoints" / "best.pth", weights_only=True)
+    assert all(torch.equal(exported[k], best_pth[k]) for k in exported)
+
+
 def test_resume_refuses_run_without_checkpoint(tiny_run, tmp_path):
     import shutil
 
