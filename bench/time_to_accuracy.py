@@ -39,7 +39,8 @@ ANCHORS = {"resnet18_bare_step_images_per_s": 1200.0, "docs_recipe_images_per_s"
 def host_speed() -> dict:
     """The host's speed now, in the units of the issue's anchors (a few seconds of work; nothing else should run).
     The docs recipe reads the shipped sample (2,000 training + 500 test images), the same files on every host."""
-    sys.path.insert(0, str(REPO / "bench"))
+    if str(REPO / "bench") not in sys.path:  # once, though it is called around every run
+        sys.path.insert(0, str(REPO / "bench"))
     from train_speed import bare_step, docs_recipe
 
     from cifar_fastai.data import resolve_data
