@@ -282,7 +282,11 @@ def lr_find(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     cfg = resolve_init_from(apply_recipe(cfg))
     run_dir = make_run_dir(cfg.replace(name=cfg.name or f"lr-find-{cfg.arch.replace('/', '-')}"))
     _, learn = prepare(cfg, run_dir, verbose)
-    res = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
+    # probe as the run trains: its precision and memory layout, and with --progressive at the start size, where the
+    # schedule's peak rate is used (one stage from start to start)
+    probe = [*hardware.callbacks(cfg), *([ProgressiveResize(cfg.progressive, cfg.progressive)] if cfg.progressive else [])]
+    with learn.added_cbs(probe):
+        res = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
     plt.savefig(run_dir / "lr_find.png", bbox_inches="tight")
     plt.close("all")
     suggestions = {k: float(v) for k, v in res._asdict().items()}

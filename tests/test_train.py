@@ -96,6 +96,36 @@ def test_lr_find_saves_plot_and_suggestions(tiny_data, tmp_path):
     assert all(0 < v < 10 for v in res.metrics.values())
 
 
+def test_lr_find_probes_as_the_run_trains(tiny_data, tmp_path, monkeypatch):
+    """Under the run's precision and layout, and with --progressive at the start size, where the peak rate is used."""
+    from fastai.callback.core import Callback
+
+    import cifar_fastai.train as train_module
+
+    seen = set()
+
+    class Spy(Callback):
+        order = 5  # after ProgressiveResize and ChannelsLastInputs, before MixedPrecision turns pred to float
+
+        def after_pred(self):
+            x = self.xb[0]
+            seen.add((tuple(x.shape[-2:]), x.is_contiguous(memory_format=torch.channels_last), self.pred.dtype))
+
+    prepare = train_module.prepare
+
+    def prepare_with_spy(*args, **kwargs):
+        data, learn = prepare(*args, **kwargs)
+        learn.add_cb(Spy())
+        return data, learn
+
+    monkeypatch.setattr(train_module, "prepare", prepare_with_spy)
+    cfg = TrainConfig(data=str(tiny_data), arch="airbench_resnet", width=0.25, bs=16, out=str(tmp_path),
+                      precision="bf16", channels_last=True, progressive=16)  # fmt: skip
+    res = lr_find(cfg, verbose=False)
+    assert seen == {((16, 16), True, torch.bfloat16)}
+    assert all(0 < v < 10 for v in res.metrics.values())
+
+
 def test_get_learner_two_lines_for_notebooks():
     learn = get_learner("sample", "tiny", bs=32)
     assert list(learn.dls.vocab)[:2] == ["airplane", "automobile"] and learn.dls.train.bs == 32
