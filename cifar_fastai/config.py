@@ -149,9 +149,10 @@ class TrainConfig:
     # --- fast CPU recipes (issue 10) ---
     recipe: str | None = opt(
         None,
-        "named recipe measured on a 2-core CPU: 'fast' (10-minute budget) or 'long' (30 minutes); sets the options "
-        "the command line leaves at their defaults (see the README)",
-        choices=("fast", "long"),
+        "named recipe measured on a 2-core CPU: 'fast' (10-minute budget) or 'long' (30 minutes), or 'record' (the "
+        "CIFAR-10 speed record's own settings, their baseline); sets the options the command line leaves at their "
+        "defaults (see the README)",
+        choices=("fast", "long", "record"),
     )
     optimizer: str = opt(
         "adam",
@@ -172,6 +173,10 @@ class TrainConfig:
     progressive: int = opt(
         0, "progressive resizing: train the first epochs on batches downscaled to this many px, growing by 4 px per "
         "stage to --size (equal shares of the epochs; the last at full size); 0: off", min=0,
+    )
+    lookahead: bool = opt(
+        False, "airbench94's weight averaging: from 30% of training on, an EMA of the weights (decay warming up to "
+        "0.77 per 5,120 images) that the net is reset to, and takes at each epoch's end",
     )
     tta: bool = opt(
         False, "also report test accuracy with test-time augmentation (airbench's 6 views: mirror x {none, +1px, -1px} shift)"

@@ -90,6 +90,9 @@ def load_body_weights(learn: Learner, arch: Arch, path: str | Path) -> None:
         raise WeightsError(f"--weights {path} does not fit {arch.name}: {' '.join(first)}") from e
 
 
+MUON_ARCHS = ("airbench_resnet", "airbench94")
+
+
 def opt_settings(cfg: TrainConfig) -> dict:
     """fastai's AdamW with `--wd`, or (issue 10) Muon + Nesterov SGD, whose groups carry their own weight decay."""
     if cfg.fine_tuning and cfg.schedule != "one_cycle":
@@ -97,9 +100,11 @@ def opt_settings(cfg: TrainConfig) -> dict:
     if cfg.optimizer == "muon":
         if cfg.fine_tuning:
             raise ConfigError("--optimizer muon trains from scratch; fine-tuning uses fastai's AdamW (drop --optimizer)")
-        if cfg.arch != "airbench_resnet":
+        if cfg.arch not in MUON_ARCHS:
             # its SGD rates are airbench94_muon's, set for that net's bias-free head with logits / width
-            raise ConfigError(f"--optimizer muon is tuned for --arch airbench_resnet only (got {cfg.arch}): use adam")
+            raise ConfigError(
+                f"--optimizer muon is tuned for --arch {' or '.join(MUON_ARCHS)} only (got {cfg.arch}): use adam"
+            )
         if cfg.schedule != "linear":
             # fit_one_cycle also cycles momentum (0.95-0.85-0.95) in every group, overriding Muon's 0.6 and SGD's 0.85
             raise ConfigError("--optimizer muon needs --schedule linear (fastai's one-cycle would override its momentum)")

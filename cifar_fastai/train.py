@@ -26,7 +26,7 @@ from .errors import CifarFastaiError, ConfigError, TrainingError
 from .finetune import FineTuneReport, fine_tune, resolve_init_from
 from .learner import create_learner, norm_stats
 from .monitor import monitor_callbacks
-from .recipes import AlternateFlip, ProgressiveResize, apply_recipe
+from .recipes import AlternateFlip, Lookahead, ProgressiveResize, apply_recipe
 from .regularize import regularization_callbacks
 from .report import Interpretation, tta_accuracy
 from .safe import save_model
@@ -150,6 +150,8 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path, start: float | None = None) -
         cbs.append(AlternateFlip())
     if cfg.progressive:
         cbs.append(ProgressiveResize(cfg.progressive, cfg.size))
+    if cfg.lookahead:
+        cbs.append(Lookahead())
     return cbs
 
 

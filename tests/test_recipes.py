@@ -26,7 +26,7 @@ def test_recipe_fills_defaults_and_explicit_options_win():
     kept = apply_recipe(TrainConfig(recipe="fast"), explicit={"tta"})  # e.g. --recipe fast --no-tta
     assert not kept.tta and kept.arch == fast["arch"]
     assert apply_recipe(kept) is kept, "applying twice changes nothing"
-    with pytest.raises(CifarFastaiError, match="fast, long"):
+    with pytest.raises(CifarFastaiError, match="fast, long, record"):
         apply_recipe(TrainConfig(recipe="warp"))
 
 
@@ -68,11 +68,12 @@ def test_each_recipe_runs_end_to_end_on_tiny_data(recipe, tiny_data, tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     result = json.loads(out.read_text())
     (run,) = result["runs"]
-    assert run["config"]["arch"] == "airbench_resnet" and run["config"]["recipe"] == recipe
+    assert run["config"]["arch"] == RECIPES[recipe].options["arch"] and run["config"]["recipe"] == recipe
     assert 0.0 <= run["test_accuracy_tta"] <= 1.0 and 0.0 <= run["test_accuracy"] <= 1.0
     walls = [w for w, _ in run["curve_wall_s_valid_accuracy"]]
     assert len(walls) == 2 and walls == sorted(walls) and walls[-1] <= run["process_wall_s"]
-    assert result["summary"][recipe]["target"]["test_accuracy"] in (0.91, 0.93)
+    if recipe != "record":  # the baseline has no target of its own
+        assert result["summary"][recipe]["target"]["test_accuracy"] in (0.91, 0.93)
     assert out.with_suffix(".png").stat().st_size > 0
     if measure_host:  # the host measured against the issue's anchors, before and after the run
         speed = run["host_speed"]
@@ -172,7 +173,7 @@ def test_muon_refuses_what_its_rates_were_not_set_for():
     assert opt_settings(ok)["wd"] is None
     for bad, match in [
         (ok.replace(pretrained=True), "from scratch"),
-        (ok.replace(arch="resnet18"), "airbench_resnet only"),
+        (ok.replace(arch="resnet18"), "airbench_resnet or airbench94 only"),
         (ok.replace(schedule="one_cycle"), "schedule linear"),
         (TrainConfig(pretrained=True, schedule="linear"), "from scratch"),
     ]:
@@ -190,6 +191,62 @@ def test_airbench_batchnorm_trains_only_its_bias():
     model = get_arch("airbench_resnet").builder(n_out=10)
     bns = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     assert bns and all(not m.weight.requires_grad and m.bias.requires_grad and m.eps == 1e-12 for m in bns)
+
+
+def test_airbench94_is_the_same_net_without_the_residual_adds():
+    """`--recipe record`'s net: airbench_resnet's layers and weights, but each group ends in its second conv's output."""
+    torch.manual_seed(0)
+    plain, res = (get_arch(a).builder(n_out=10) for a in ("airbench94", "airbench_resnet"))
+    res.load_state_dict(plain.state_dict())
+    group_p, group_r = plain[0].layer1.eval(), res[0].layer1.eval()
+    x = torch.randn(2, 24, 16, 16)
+    with torch.no_grad():
+        first = group_p.act(group_p.bn1(group_p.pool(group_p.conv1(x))))
+        second = group_p.act(group_p.bn2(group_p.conv2(first)))
+        assert torch.allclose(group_p(x), second) and torch.allclose(group_r(x), first + second)
+    assert sum(p.numel() for p in plain.parameters()) == sum(p.numel() for p in res.parameters())
+
+
+def test_lookahead_follows_airbench94s_average_and_resets_the_net_to_it():
+    from types import SimpleNamespace
+
+    from cifar_fastai.recipes import Lookahead
+
+    net = torch.nn.Linear(2, 1, bias=False)
+    cb = Lookahead(every_images=4, start=0.5, base=0.5, power=1.0)
+    learn = cb.learn = SimpleNamespace(model=net, training=True, pct_train=0.2, yb=(torch.zeros(4),))
+    cb.before_fit()
+
+    def bump():
+        with torch.no_grad():
+            net.weight.add_(1.0)
+
+    cb.after_batch()
+    assert cb.ema is None, "nothing before 'start' of the training"
+    learn.pct_train = 0.5
+    cb.after_batch()  # the first update only takes a copy
+    w0 = net.weight.detach().clone()
+    assert torch.equal(cb.ema["weight"], w0)
+    bump()
+    learn.pct_train = 1.0
+    cb.after_batch()  # decay 0.5 * 1.0 ** 1: halfway to the net, which is set to the average
+    assert torch.allclose(net.weight, w0 + 0.5) and torch.equal(cb.ema["weight"], net.weight)
+    bump()
+    learn.yb = (torch.zeros(2),)
+    cb.after_batch()  # 2 images: not yet 4 since the last update
+    assert torch.allclose(net.weight, w0 + 1.5)
+    learn.training = False
+    cb.after_batch()  # validation batches change nothing
+    cb.after_train()  # the epoch ends on the average: steps since the last update are dropped (airbench94)
+    assert torch.allclose(net.weight, w0 + 0.5)
+
+
+def test_lookahead_runs_from_the_cli(tiny_data, tmp_path):
+    res = run_script("scripts/train.py", "--data", str(tiny_data), "--recipe", "fast", "--width", "0.25", "--bs", "32",
+                     "--epochs", "3", "--lookahead", "--no-tta", "--out", str(tmp_path), "--name", "la")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    cfg = json.loads((tmp_path / "la" / "config.json").read_text())
+    assert cfg["config"]["lookahead"] and (tmp_path / "la" / "export.pkl").exists()
 
 
 def test_tta_views_are_the_mirror_and_one_pixel_shifts():

@@ -255,8 +255,9 @@ class ConvGroup(nn.Module):
     "momentum 0.6" in the other convention); its convs start as Dirac (identity) on the first c_in filters.
     """
 
-    def __init__(self, c_in: int, c_out: int):
+    def __init__(self, c_in: int, c_out: int, residual: bool = True):
         super().__init__()
+        self.residual = residual  # False: airbench94's plain conv - conv (the `airbench94` baseline)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool, self.bn1 = nn.MaxPool2d(2), airbench_bn(c_out)
         self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), airbench_bn(c_out)
@@ -268,7 +269,8 @@ class ConvGroup(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.pool(self.conv1(x))))
-        return x + self.act(self.bn2(self.conv2(x)))
+        y = self.act(self.bn2(self.conv2(x)))
+        return x + y if self.residual else y
 
 
 def airbench_bn(c: int) -> nn.BatchNorm2d:
@@ -303,16 +305,14 @@ class PatchWhiten(nn.Conv2d):
         self.whitened.fill_(True)
 
 
-@register_cifar_model("airbench_resnet", splitter=cifar_split)
-def airbench_resnet(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -> nn.Sequential:
-    """airbench94-shaped residual net (Jordan 2024): 2x2 whitening stem, 3 conv groups of 64/256/256, 1.97M parameters."""
+def _airbench(n_out: int, width: float, dropout: float, residual: bool) -> nn.Sequential:
     c = [channels(x, width) for x in (64, 256, 256)]
     body = nn.Sequential(
         OrderedDict(
             whiten=nn.Sequential(PatchWhiten(24), nn.GELU()),
-            layer1=ConvGroup(24, c[0]),
-            layer2=ConvGroup(c[0], c[1]),
-            layer3=ConvGroup(c[1], c[2]),
+            layer1=ConvGroup(24, c[0], residual),
+            layer2=ConvGroup(c[0], c[1], residual),
+            layer3=ConvGroup(c[1], c[2], residual),
         )
     )
     # airbench94_muon's head: max-pool of the final 3x3 map (31 -> 15 -> 7 -> 3 px), bias-free linear with unit-std
@@ -326,3 +326,16 @@ def airbench_resnet(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -
     with torch.no_grad():
         head[3].weight.div_(head[3].weight.std())
     return model
+
+
+@register_cifar_model("airbench_resnet", splitter=cifar_split)
+def airbench_resnet(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -> nn.Sequential:
+    """airbench94-shaped residual net (Jordan 2024): 2x2 whitening stem, 3 conv groups of 64/256/256, 1.97M parameters."""
+    return _airbench(n_out, width, dropout, residual=True)
+
+
+@register_cifar_model("airbench94", splitter=cifar_split)
+def airbench94(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -> nn.Sequential:
+    """The CIFAR-10 speed record's net as published (airbench94, Jordan 2024): `airbench_resnet` without the residual
+    adds; the `--recipe record` baseline."""
+    return _airbench(n_out, width, dropout, residual=False)
