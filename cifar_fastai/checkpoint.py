@@ -225,6 +225,10 @@ def resume_run(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     meta = load_checkpoint(last)["meta"]
     if meta["epochs_done"] >= saved.epochs:
         raise ConfigError(f"--resume {run_dir}: all {saved.epochs} epochs are already done; nothing to resume")
+    if (run_dir / "metrics.json").is_file():  # --time-budget or early stopping ended it before --epochs
+        raise ConfigError(
+            f"--resume {run_dir}: the run finished after {meta['epochs_done']} epochs (metrics.json); nothing to resume"
+        )
     given = {k: v for k, v in cfg.to_dict().items() if k != "resume" and v != getattr(DEFAULTS, k)}
     ignored = [f"--{k.replace('_', '-')}" for k in given]
     if ignored:

@@ -178,6 +178,11 @@ class TrainConfig:
         False, "airbench94's weight averaging: from 30% of training on, an EMA of the weights (decay warming up to "
         "0.77 per 5,120 images) that the net is reset to, and takes at each epoch's end",
     )
+    time_budget: float = opt(
+        0, "wall-clock budget in seconds for the whole run (imports to export): after each epoch, if the remaining "
+        "epochs would not end in time, train fewer (--epochs is then the most; the rate schedule and progressive "
+        "resizing still finish); 0: off", min=0,
+    )
     tta: bool = opt(
         False, "also report test accuracy with test-time augmentation (airbench's 6 views: mirror x {none, +1px, -1px} shift)"
     )

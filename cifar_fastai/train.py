@@ -18,6 +18,7 @@ from fastcore.basics import noop
 from . import distributed, hardware
 from .adversarial import adversarial_callback
 from .archs import get_arch
+from .budget import TimeBudget, process_start
 from .callbacks import HistoryLogger, PlainProgress, StopOnNaN, Throughput
 from .checkpoint import RestoreBest, resume_run
 from .config import TrainConfig
@@ -215,6 +216,11 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     )
     timer, nan, kept = Throughput(), StopOnNaN(), None
     cbs = [timer, nan, *run_callbacks(cfg, run_dir, start=t0)]
+    budget = None
+    if cfg.time_budget:  # issue 10: the recipes' wall-time targets on a host whose speed drifts
+        budget = TimeBudget(cfg.time_budget, process_start(), cfg.size, cfg.progressive, data.n_valid, data.n_test,
+                            test_passes=6 if cfg.tta else 1)  # fmt: skip
+        cbs.append(budget)
     try:
         with distributed.distrib_ctx(learn):  # DDP + sharded loaders under torchrun, nothing in one process
             fit(learn, cfg, cbs)
@@ -256,6 +262,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
         "validation": info["resolved"]["validation"],
         "n_test": test["n"],
         **({"test_accuracy_tta": tta} if tta is not None else {}),
+        **({"time_budget": budget.summary()} if budget is not None else {}),
         **({"early_stopping": {"epochs_run": kept.seen, "kept_epoch": kept.best_epoch}} if kept and kept.best_epoch else {}),
         "skipped_files": [p for p, _ in data.bad],
         "wall_seconds": time.perf_counter() - t0,

@@ -1,0 +1,114 @@
+"""`--time-budget`: finish a whole run (imports to export) within a wall-clock budget by training fewer epochs.
+
+The named recipes are measured in minutes on a shared host whose speed drifts by 20% and more from hour to hour
+(README "Speed on the CPU"), so a fixed epoch count overran ten minutes on slow hours. With a budget, `--epochs` is
+the most the run trains: after every epoch the callback measures what an epoch costs on this host now and, if the
+planned epochs would not end in time, lowers fastai's `n_epoch`. fastai's schedules read `n_epoch` at the start of
+every epoch (`TrainEvalCallback.before_train` sets `pct_train = epoch / n_epoch`), so the linear or one-cycle rate
+still ends at its final value, and progressive resizing still ends at full size, in the shorter run.
+"""
+
+from __future__ import annotations
+
+import time
+
+from fastai.callback.core import Callback, CancelFitException
+
+from . import distributed
+from .recipes import progressive_size
+
+EXPORT_S = 5.0  # confusion matrix, export.pkl and the safetensors twin: about 2 s here; a margin on top
+
+
+def process_start() -> float:
+    """`time.perf_counter()` at this process's start (the wall time a user waits includes the imports)."""
+    try:
+        import psutil  # installed with accelerate (a dependency)
+    except ImportError:  # the budget then counts from train(), a few seconds after the imports
+        return time.perf_counter()
+    try:
+        return time.perf_counter() - (time.time() - psutil.Process().create_time())
+    except (OSError, psutil.Error):  # no access to the process table
+        return time.perf_counter()
+
+
+def plan_epochs(
+    budget_s: float, elapsed_s: float, epoch: int, n_epoch: int, s_per_px: float, valid_s: float, reserve_s: float,
+    size: int, progressive: int = 0,
+) -> int:  # fmt: skip
+    """The most epochs (<= `n_epoch`) whose remaining ones fit: `epoch` epochs are done, each further epoch at size s
+    costs `s_per_px * s**2` seconds of training plus `valid_s`, and the test pass and export `reserve_s` at the end.
+    Never fewer than `epoch` (those are done); `epoch` means: stop now."""
+    for n in range(n_epoch, epoch, -1):
+        sizes = [progressive_size(e, n, progressive, size) if progressive else size for e in range(epoch, n)]
+        if elapsed_s + sum(s_per_px * s * s + valid_s for s in sizes) + reserve_s <= budget_s:
+            return n
+    return epoch
+
+
+class TimeBudget(Callback):
+    """Lower `n_epoch` after each epoch so that the run ends within `budget_s` seconds of `start` (a
+    `time.perf_counter()` value); the test pass (`test_passes` times the validation pass, scaled to `n_test` images:
+    6 with TTA) and the export are reserved for at the end. The cost of an epoch is taken from the last one measured,
+    per pixel of the training size, so a host that slows down mid-run is seen at the next epoch."""
+
+    order = -20  # before TrainEvalCallback: the cancelled epoch starts nothing (no flip phase, no history row)
+
+    def __init__(
+        self, budget_s: float, start: float, size: int, progressive: int = 0, n_valid: int = 1, n_test: int = 0,
+        test_passes: int = 1,
+    ):  # fmt: skip
+        self.budget_s, self.start, self.size, self.progressive = budget_s, start, size, progressive
+        self.test_scale = test_passes * n_test / max(n_valid, 1)
+        self.planned = self.epochs_run = None
+        self.reason = ""
+
+    def before_fit(self):
+        self.planned = self.n_epoch
+
+    def before_epoch(self):
+        if self.epoch >= self.n_epoch:  # lowered after the previous epoch: the run ends here
+            raise CancelFitException
+        self.t_train = self.t_valid = None
+
+    def before_train(self):
+        self._t0 = time.perf_counter()
+
+    def after_train(self):
+        self.t_train = time.perf_counter() - self._t0
+
+    def before_validate(self):
+        self._t1 = time.perf_counter()
+
+    def after_validate(self):
+        self.t_valid = time.perf_counter() - self._t1
+
+    def after_epoch(self):
+        self.epochs_run = done = self.epoch + 1
+        if self.t_train is None:  # an epoch skipped on --resume: nothing was measured
+            return
+        n = distributed.broadcast_object(self.plan(done))  # every rank stops after the same epoch (rank 0's clock)
+        if n < self.n_epoch:
+            if distributed.is_main():
+                print(self.reason, flush=True)
+            self.learn.n_epoch = n
+
+    def plan(self, done: int) -> int:
+        """The epochs that fit, from this epoch's measured cost (`plan_epochs`)."""
+        size = (
+            progressive_size(self.epoch, self.n_epoch, self.progressive, self.size) if self.progressive else self.size
+        )
+        valid_s = self.t_valid or 0.0
+        reserve = valid_s * self.test_scale + EXPORT_S
+        n = plan_epochs(
+            self.budget_s, time.perf_counter() - self.start, done, self.n_epoch, self.t_train / size**2, valid_s,
+            reserve, self.size, self.progressive,
+        )  # fmt: skip
+        self.reason = (
+            f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit (epoch {done} took "
+            f"{self.t_train:.0f} s at {size} px + {valid_s:.0f} s validation; {reserve:.0f} s kept for test and export)"
+        )
+        return n
+
+    def summary(self) -> dict:
+        return {"budget_s": self.budget_s, "epochs_planned": self.planned, "epochs_run": self.epochs_run}

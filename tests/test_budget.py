@@ -1,0 +1,85 @@
+"""Issue 10: `--time-budget` trains fewer epochs when the planned ones would not end in time (behaviour, not timings)."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+from cifar_fastai import TrainConfig
+from cifar_fastai.budget import TimeBudget, plan_epochs
+
+from .conftest import run_script
+
+
+def test_plan_keeps_the_epochs_that_fit_with_the_test_pass_reserved():
+    # 1 epoch done after 20 s; an epoch at 32 px costs 10 s training + 2 s validation; 16 s kept for the end
+    one = 10 / 32**2
+    assert plan_epochs(100, 20, 1, 10, one, 2, 16, 32) == 6, "20 + 5 x 12 + 16 = 96 <= 100; a 7th would end at 108"
+    assert plan_epochs(1000, 20, 1, 10, one, 2, 16, 32) == 10, "--epochs stays the most"
+    assert plan_epochs(40, 20, 1, 10, one, 2, 16, 32) == 1, "nothing more fits: stop after the epoch done"
+    # progressive resizing: the epochs left are planned at their own sizes, the last at full size (cheaper early ones)
+    assert plan_epochs(100, 20, 1, 10, one, 2, 16, 32, progressive=20) == 7
+
+
+class FixedPlan(TimeBudget):
+    """A budget whose plan after the first epoch is 3 epochs, whatever the clock says."""
+
+    def plan(self, done: int) -> int:
+        self.reason = "test"
+        return 3 if done == 1 else self.n_epoch
+
+
+def test_a_shortened_run_still_ends_its_schedule_and_at_full_size(tiny_data):
+    from fastai.callback.core import Callback
+
+    from cifar_fastai.data import get_data
+    from cifar_fastai.learner import create_learner, norm_stats
+    from cifar_fastai.recipes import ProgressiveResize
+    from cifar_fastai.train import fit
+
+    seen = []
+
+    class Spy(Callback):
+        order = 70  # after ProgressiveResize (-2) and ParamScheduler (60), which sets this batch's rate
+
+        def before_batch(self):
+            if self.training:
+                seen.append((self.epoch, self.xb[0].shape[-1], self.opt.hypers[0]["lr"]))
+
+    cfg = TrainConfig(data=str(tiny_data), arch="airbench_resnet", width=0.25, bs=100, epochs=6, valid_pct=0.2,
+                      optimizer="muon", schedule="linear", lr=0.12)  # fmt: skip
+    learn = create_learner(cfg, get_data(cfg, norm_stats(cfg)))
+    budget = FixedPlan(1e9, 0.0, 32, progressive=20)
+    fit(learn, cfg, [ProgressiveResize(20, 32), budget, Spy()])
+    assert [e for e, *_ in seen][-1] == 2 and len(learn.recorder.values) == 3, "3 of the 6 epochs ran"
+    assert {e: s for e, s, _ in seen} == {0: 20, 1: 24, 2: 32}, "re-planned stages still end at full size"
+    n_iter = len(learn.dls.train)
+    assert seen[-1][2] < 0.12 / (3 * n_iter) + 1e-9, "the linear rate decays to ~0 over the 3 epochs, not 6"
+    assert budget.summary() == {"budget_s": 1e9, "epochs_planned": 6, "epochs_run": 3}
+
+
+def test_time_budget_from_the_cli_stops_in_time_and_says_so(tiny_data, tmp_path):
+    # a 1-second budget is spent by the imports: the run stops after its first epoch, then tests and exports
+    res = run_script("scripts/train.py", "--data", str(tiny_data), "--arch", "airbench_resnet", "--width", "0.25",
+                     "--epochs", "3", "--bs", "32", "--time-budget", "1", "--out", str(tmp_path), "--name", "b")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "time budget 1 s: 1 of 3 epochs fit" in res.stdout
+    run = tmp_path / "b"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["time_budget"] == {"budget_s": 1.0, "epochs_planned": 3, "epochs_run": 1}
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and (run / "export.pkl").exists()
+    assert len(list(csv.DictReader((run / "history.csv").open()))) == 1
+
+
+def test_a_run_the_budget_ended_is_not_resumed(tiny_data, tmp_path):
+    import pytest
+
+    from cifar_fastai.errors import ConfigError
+    from cifar_fastai.train import train
+
+    cfg = TrainConfig(data=str(tiny_data), arch="airbench_resnet", width=0.25, bs=32, epochs=3, time_budget=1,
+                      out=str(tmp_path), name="ended")  # fmt: skip
+    res = train(cfg, verbose=False)
+    assert res.metrics["time_budget"]["epochs_run"] == 1
+    with pytest.raises(ConfigError, match="finished after 1 epochs"):
+        train(TrainConfig(resume=str(res.run_dir)), verbose=False)
