@@ -93,6 +93,8 @@ def _prepare(cfg: TrainConfig, run_dir: Path, verbose: bool = True):
     setup_runtime(cfg)
     if cfg.progressive and not 8 <= cfg.progressive < cfg.size:
         raise ConfigError(f"--progressive {cfg.progressive}: the start size must be at least 8 and below --size {cfg.size}")
+    if cfg.time_budget and cfg.fine_tuning:  # fine_tune is two fits (frozen, then unfrozen); the budget plans one
+        raise ConfigError("--time-budget plans a from-scratch run; fine-tuning (--pretrained/--weights) runs two fits: drop one")
     data = get_data(cfg, norm_stats(cfg, get_arch(cfg.arch)), verbose=verbose)
     learn = create_learner(cfg, data, path=run_dir)
     rt = hardware.place(learn, data, cfg)  # issue 9: model + DataLoaders onto the chosen device

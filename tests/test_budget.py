@@ -83,3 +83,21 @@ def test_a_run_the_budget_ended_is_not_resumed(tiny_data, tmp_path):
     assert res.metrics["time_budget"]["epochs_run"] == 1
     with pytest.raises(ConfigError, match="finished after 1 epochs"):
         train(TrainConfig(resume=str(res.run_dir)), verbose=False)
+
+
+def test_the_recipes_carry_the_issues_wall_times_and_the_command_line_wins():
+    from cifar_fastai.recipes import apply_recipe
+
+    assert apply_recipe(TrainConfig(recipe="fast")).time_budget == 600
+    assert apply_recipe(TrainConfig(recipe="long")).time_budget == 1800
+    assert apply_recipe(TrainConfig(recipe="record")).time_budget == 0, "the baseline runs as the record does"
+    assert apply_recipe(TrainConfig(recipe="fast", time_budget=0), explicit={"time_budget"}).time_budget == 0
+
+
+def test_time_budget_refuses_fine_tuning_with_a_message(tiny_data, tmp_path):
+    weights, out = tmp_path / "w.pth", tmp_path / "runs"
+    weights.write_bytes(b"")  # refused before any weights are read
+    res = run_script("scripts/train.py", "--data", str(tiny_data), "--weights", str(weights), "--time-budget", "60",
+                     "--out", str(out))  # fmt: skip
+    assert res.returncode != 0 and "--time-budget plans a from-scratch run" in res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and not any(out.glob("*")), "no run folder left behind"
