@@ -1,4 +1,4 @@
-"""Named training recipes (`--recipe fast|long`) for this 2-core CPU, and the callbacks of the fast path.
+"""Named training recipes (`--recipe fast|long`, and the baseline `record`) for this 2-core CPU; the fast path's callbacks.
 
 A recipe is a set of option values measured together (README "Speed on the CPU", bench/time_to_accuracy.py). It fills
 in every option the user did not set; options given on the command line win. Every choice is a measured one on
