@@ -40,7 +40,7 @@ def plan_epochs(
     costs `s_per_px * s**2` seconds of training plus `valid_s`, and the test pass and export `reserve_s` at the end.
     Never fewer than `epoch` (those are done); `epoch` means: stop now."""
     for n in range(n_epoch, epoch, -1):
-        sizes = [progressive_size(e, n, progressive, size) if progressive else size for e in range(epoch, n)]
+        sizes = [progressive_size(e, n, progressive, size) for e in range(epoch, n)]
         if elapsed_s + sum(s_per_px * s * s + valid_s for s in sizes) + reserve_s <= budget_s:
             return n
     return epoch
@@ -95,9 +95,7 @@ class TimeBudget(Callback):
 
     def plan(self, done: int) -> int:
         """The epochs that fit, from this epoch's measured cost (`plan_epochs`)."""
-        size = (
-            progressive_size(self.epoch, self.n_epoch, self.progressive, self.size) if self.progressive else self.size
-        )
+        size = progressive_size(self.epoch, self.n_epoch, self.progressive, self.size)
         valid_s = self.t_valid or 0.0
         reserve = valid_s * self.test_scale + EXPORT_S
         n = plan_epochs(

@@ -147,10 +147,11 @@ class AlternateFlip(Callback):
 
 def progressive_size(epoch: int, n_epoch: int, start: int, full: int, step: int = 4) -> int:
     """The training image size of `epoch` under progressive resizing: stages start, start+step, ..., full, each an
-    equal share of the epochs (the last stage always trains at `full`, the size the model is evaluated at)."""
-    sizes = [*range(start, full, step), full]
-    if epoch >= n_epoch - 1:  # with fewer epochs than stages, still end at full size
+    equal share of the epochs (the last stage always trains at `full`, the size the model is evaluated at); `start`
+    0: progressive resizing is off, every epoch trains at `full`."""
+    if not start or epoch >= n_epoch - 1:  # with fewer epochs than stages, still end at full size
         return full
+    sizes = [*range(start, full, step), full]
     return sizes[epoch * len(sizes) // n_epoch]
 
 

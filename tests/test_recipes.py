@@ -336,6 +336,7 @@ def test_progressive_sizes_grow_in_equal_stages_and_end_at_full_size():
     assert progressive_size(0, 1, 24, 32) == 32, "a one-epoch run trains at full size"
     assert [progressive_size(e, 2, 20, 32) for e in range(2)] == [20, 32], "fewer epochs than stages: still ends at 32"
     assert [progressive_size(e, 18, 20, 32) for e in range(18)] == [20] * 5 + [24] * 4 + [28] * 5 + [32] * 4
+    assert [progressive_size(e, 5, 0, 32) for e in range(5)] == [32] * 5, "start 0: off, every epoch at full size"
 
 
 class _SizeSpy:
