@@ -19,6 +19,25 @@ def test_plan_keeps_the_epochs_that_fit_with_the_test_pass_reserved():
     assert plan_epochs(40, 20, 1, 10, one, 2, 16, 32) == 1, "nothing more fits: stop after the epoch done"
     # progressive resizing: the epochs left are planned at their own sizes, the last at full size (cheaper early ones)
     assert plan_epochs(100, 20, 1, 10, one, 2, 16, 32, progressive=20) == 7
+    # an estimate that may run 10% high: 7 epochs end at 108 s by it, 8 s over, within 10% of the 88 s it gives them
+    assert plan_epochs(100, 20, 1, 10, one, 2, 16, 32, tolerance=0.1) == 7
+
+
+def test_estimates_scaled_from_a_smaller_size_get_the_tolerance_until_full_size_is_measured(monkeypatch):
+    from types import SimpleNamespace
+
+    from cifar_fastai import budget
+
+    seen = []
+    monkeypatch.setattr(budget, "plan_epochs", lambda *a: seen.append(a[-1]) or a[3])  # its tolerance argument
+    cb = TimeBudget(600, 0.0, 32, progressive=20)
+    cb.learn = SimpleNamespace(epoch=0, n_epoch=8)
+    cb.before_fit()
+    cb.t_train, cb.t_valid = 10.0, 1.0
+    for epoch in range(8):  # sizes 20, 20, 24, 24, 28, 28, 32, 32
+        cb.learn.epoch = epoch
+        cb.plan(epoch + 1)
+    assert seen == [budget.SCALED_TOLERANCE] * 6 + [0.0] * 2, "measured at full size: the estimate is taken as it is"
 
 
 class FixedPlan(TimeBudget):
@@ -56,6 +75,26 @@ def test_a_shortened_run_still_ends_its_schedule_and_at_full_size(tiny_data):
     n_iter = len(learn.dls.train)
     assert seen[-1][2] < 0.12 / (3 * n_iter) + 1e-9, "the linear rate decays to ~0 over the 3 epochs, not 6"
     assert budget.summary() == {"budget_s": 1e9, "epochs_planned": 6, "epochs_run": 3}
+
+
+def test_a_cut_made_after_a_slow_epoch_is_taken_back(tiny_data):
+    from cifar_fastai.data import get_data
+    from cifar_fastai.learner import create_learner, norm_stats
+    from cifar_fastai.recipes import ProgressiveResize
+    from cifar_fastai.train import fit
+
+    class SlowFirstEpoch(TimeBudget):  # the first epoch (warm-up) says 3 fit; the next ones, at speed, say all 5
+        def plan(self, done: int) -> int:
+            self.reason = "test"
+            return 3 if done == 1 else self.planned
+
+    cfg = TrainConfig(data=str(tiny_data), arch="airbench_resnet", width=0.25, bs=100, epochs=5, valid_pct=0.2,
+                      optimizer="muon", schedule="linear", lr=0.12)  # fmt: skip
+    learn = create_learner(cfg, get_data(cfg, norm_stats(cfg)))
+    budget = SlowFirstEpoch(1e9, 0.0, 32, progressive=20)
+    fit(learn, cfg, [ProgressiveResize(20, 32), budget])
+    assert len(learn.recorder.values) == 5 and budget.summary()["epochs_run"] == 5, "all 5 epochs ran after all"
+    assert learn.recorder.lrs[-1] < 0.12 / len(learn.recorder.lrs) * 1.5, "and the rate still decayed to ~0"
 
 
 def test_time_budget_from_the_cli_stops_in_time_and_says_so(tiny_data, tmp_path):
