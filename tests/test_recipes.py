@@ -165,6 +165,37 @@ def test_muon_recipe_trains_with_a_linear_decay_to_zero(tiny_data):
     assert bool(stem.whitened) and not stem.weight.requires_grad, "Muon leaves the whitened stem alone"
 
 
+def test_whitening_bias_trains_for_its_first_epochs_then_freezes(tiny_data):
+    from fastai.callback.core import Callback
+
+    from cifar_fastai.data import get_data
+    from cifar_fastai.learner import create_learner, norm_stats
+    from cifar_fastai.recipes import WhitenInit
+    from cifar_fastai.train import fit
+
+    class Watch(Callback):  # the stem's bias at the end of every training epoch
+        order = 50
+
+        def before_fit(self):
+            self.seen = []
+
+        def after_train(self):
+            bias = self.learn.model[0].whiten[0].bias
+            self.seen.append((bias.detach().clone(), bias.requires_grad))
+
+    cfg = TrainConfig(data=str(tiny_data), arch="airbench_resnet", width=0.25, optimizer="muon", schedule="linear",
+                      lr=0.2, bs=32, epochs=3, valid_pct=0.2)  # fmt: skip
+    learn = create_learner(cfg, get_data(cfg, norm_stats(cfg)))
+    learn.cbs.filter(lambda cb: isinstance(cb, WhitenInit))[0].bias_epochs = 1
+    watch = Watch()
+    fit(learn, cfg, [watch])
+    (b0, grad0), (b1, grad1), (b2, grad2) = watch.seen
+    assert grad0 and not grad1 and not grad2, "trained in epoch 1 only (airbench94_muon: its first 3 of 8)"
+    assert not torch.equal(b0, torch.zeros_like(b0)), "it did train in epoch 1"
+    assert torch.equal(b0, b1) and torch.equal(b1, b2), "frozen afterwards: no step moves it, momentum included"
+    assert learn.model[0].whiten[0].bias.requires_grad, "the model leaves the fit as it came (export, a later fit)"
+
+
 def test_muon_refuses_what_its_rates_were_not_set_for():
     from cifar_fastai.errors import ConfigError
     from cifar_fastai.learner import opt_settings
