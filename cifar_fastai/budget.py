@@ -61,8 +61,8 @@ def plan_epochs(
 # Until an epoch at full size has been measured, the cost of one is scaled up from a smaller size, quadratically, and
 # that runs high here: in a full-width `airbench_resnet` run (bf16, bs 250) a 20 px epoch took 22-25 s and a 32 px one
 # 54-55 s, 2.2-2.5x rather than (32/20)^2 = 2.56x, and the first epochs, which still train the whitening bias
-# (recipes.WhitenInit), take ~10% longer. An overrun estimated at under SCALED_TOLERANCE of the time left is left to
-# the later, better measured epochs (the full-size stage alone is a quarter of a progressive run's epochs).
+# (recipes.WhitenInit), take up to ~10% longer. An overrun estimated at under SCALED_TOLERANCE of the time left is
+# left to the later, better measured epochs (the full-size stage alone is a quarter of a progressive run's epochs).
 SCALED_TOLERANCE = 0.1
 
 
