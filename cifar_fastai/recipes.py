@@ -67,7 +67,8 @@ RECIPES = {
         # the baseline the two are measured against (bench/time_to_accuracy.py): airbench94_muon's own settings, its
         # plain (non-residual) net, batch 2,000, Muon lr 0.24, 8 epochs at 32 px; differences from the original,
         # which trains on all 50,000 images and decays the whitening bias's rate to 0 over its 3 epochs: the 2%
-        # hold-out and that bias on the common schedule until it freezes (the brief: 90.8% with TTA in 14.2 min on this machine's copy)
+        # hold-out and that bias on the common schedule until it freezes (the brief: 90.8% with TTA in
+        # 14.2 min on this machine's copy)
         Recipe("record", "the CIFAR-10 speed record's recipe (airbench94_muon: its net, batch 2,000, 8 epochs at 32 px): the baseline",
                {**_COMMON, "arch": "airbench94", "width": 1.0, "bs": 2000, "lr": 0.24, "epochs": 8}),
     )
