@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from fastai.callback.core import Callback
 
+from . import distributed
 from .config import DEFAULTS, TrainConfig
 from .errors import ConfigError
 
@@ -122,8 +123,7 @@ class WhitenInit(Callback):
         return [m for m in self.learn.model.modules() if isinstance(m, PatchWhiten)]
 
     def before_epoch(self):  # also right for a resumed run: epoch parity with the uninterrupted one
-        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-        train_bias = self.epoch < self.bias_epochs or distributed
+        train_bias = self.epoch < self.bias_epochs or distributed.is_distributed()
         for layer in self._layers():
             if layer.bias is not None and layer.bias.requires_grad != train_bias:
                 layer.bias.requires_grad_(train_bias)

@@ -29,7 +29,7 @@ from .learner import create_learner, norm_stats
 from .monitor import monitor_callbacks
 from .recipes import AlternateFlip, Lookahead, ProgressiveResize, apply_recipe
 from .regularize import regularization_callbacks
-from .report import Interpretation, tta_accuracy
+from .report import TTA_VIEWS, Interpretation, tta_accuracy
 from .safe import save_model
 
 
@@ -221,7 +221,7 @@ def train(cfg: TrainConfig, verbose: bool = True) -> RunResult:
     budget = None
     if cfg.time_budget:  # issue 10: the recipes' wall-time targets on a host whose speed drifts
         budget = TimeBudget(cfg.time_budget, process_start(), cfg.size, cfg.progressive, data.n_valid, data.n_test,
-                            test_passes=6 if cfg.tta else 1)  # fmt: skip
+                            test_passes=len(TTA_VIEWS) if cfg.tta else 1)  # fmt: skip
         cbs.append(budget)
     try:
         with distributed.distrib_ctx(learn):  # DDP + sharded loaders under torchrun, nothing in one process
