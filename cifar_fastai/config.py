@@ -174,6 +174,10 @@ class TrainConfig:
         0, "progressive resizing: train the first epochs on batches downscaled to this many px, growing by 4 px per "
         "stage to --size (equal shares of the epochs; the last at full size); 0: off", min=0,
     )
+    progressive_shares: str = opt(
+        "", "with --progressive: the relative number of epochs of each stage, smallest size first ('7,5,3,2': of 17 "
+        "epochs, 7 at 20 px, 5 at 24, 3 at 28, 2 at 32); '': equal shares",
+    )
     lookahead: bool = opt(
         False, "airbench94's weight averaging: from 30% of training on, an EMA of the weights (decay warming up to "
         "0.77 per 5,120 images) that the net is reset to, and takes at each epoch's end",

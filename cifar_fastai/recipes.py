@@ -10,8 +10,10 @@ github.com/KellerJordan/cifar10-airbench):
 - `--optimizer muon --schedule linear`: Muon on the conv filters, Nesterov SGD on biases and head with the record's
   rates (optim.py); the rate decays linearly from its peak to 0, no warm-up (airbench94_muon).
 - batch 250, Muon lr 0.12: measured (3 epochs, half width, all 49,000 images; README): bs 500 lr 0.24/0.12/0.06 gave
-  83.6/83.4/80.5% test accuracy, bs 1000 lr 0.24 80.8%, bs 250 lr 0.06 83.2%; bs 250 also trains ~15% more images/s
-  than bs 500 on this CPU (1,165 vs ~1,000).
+  83.6/83.4/80.5% test accuracy, bs 1000 lr 0.24 80.8%, bs 250 lr 0.12/0.06 84.3/83.2%; bs 250 also trains ~15% more
+  images/s than bs 500 on this CPU (1,165 vs ~1,000). For `fast`'s 15 epochs (five times those runs' steps) lr 0.08
+  scored level with 0.12 over 3 seeds (90.80 vs 90.74% with TTA, 89.54 vs 89.66% without) and 0.06 lower (seed 0), so
+  0.12 stays (README).
 - crop padding 2 and alternating flip (`AlternateFlip` below): airbench's augmentation.
 - bf16 autocast + channels_last: resnet18 trained 1.23x faster than in fp32 through our path on this CPU (AVX-512
   BF16; bench/train_speed.py, README); fp32 master weights, so accuracy holds (tests/test_hardware.py).
@@ -22,7 +24,9 @@ github.com/KellerJordan/cifar10-airbench):
   slow hour of this shared host the run trains fewer epochs rather than overrun (the epochs are the most it trains).
 - progressive resizing from 20 px (`ProgressiveResize` below; not in airbench). In the `long` benchmark run a
   full-width epoch took 45-47 s at 20 px, 61-68 s at 24, 79-85 s at 28 and 109-111 s at 32 (its history.csv), so 18
-  growing epochs took less time than 11 at 32 px had (24.0 vs 25.4 min) and scored higher (README).
+  growing epochs took less time than 11 at 32 px had (24.0 vs 25.4 min) and scored higher (README). Equal shares of
+  the epochs per size: in `fast`'s ten minutes, more epochs at the small sizes (`--progressive-shares 7,5,3,2` for
+  17 epochs, or 18 from 16 px) scored lower without TTA than all three seeds of the equal split (README).
 """
 
 from __future__ import annotations
@@ -167,19 +171,55 @@ class AlternateFlip(Callback):
             dl.flip_phase = self.epoch % 2
 
 
-def progressive_size(epoch: int, n_epoch: int, start: int, full: int, step: int = 4) -> int:
+def progressive_stages(start: int, full: int, step: int = 4) -> list[int]:
+    """The training sizes of progressive resizing from `start`: start, start+step, ..., full."""
+    return [*range(start, full, step), full]
+
+
+def parse_shares(text: str, start: int, full: int) -> tuple[float, ...]:
+    """`--progressive-shares '7,5,3,2'`: the relative number of epochs of each stage, smallest size first; '' is equal
+    shares. A clear error for a count that is not the number of stages or a share that is not positive."""
+    if not text:
+        return ()
+    stages = progressive_stages(start, full) if start else []
+    try:
+        shares = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        shares = ()
+    if not stages or len(shares) != len(stages) or min(shares) <= 0:
+        raise ConfigError(
+            f"--progressive-shares {text}: give one positive number per stage of --progressive ("
+            + (f"{len(stages)}: {', '.join(map(str, stages))} px)" if stages else "it is off)")
+        )
+    return shares
+
+
+def progressive_size(
+    epoch: int, n_epoch: int, start: int, full: int, step: int = 4, shares: tuple[float, ...] = ()
+) -> int:
     """The training image size of `epoch` under progressive resizing: stages start, start+step, ..., full, each an
-    equal share of the epochs (the last stage always trains at `full`, the size the model is evaluated at); `start`
-    0: progressive resizing is off, every epoch trains at `full`."""
+    equal share of the epochs, or one in proportion to `shares` (one per stage; with `n_epoch` their sum, exactly
+    those epochs); the last stage always trains at `full`, the size the model is evaluated at. `start` 0: progressive
+    resizing is off, every epoch trains at `full`."""
     if not start or epoch >= n_epoch - 1:  # with fewer epochs than stages, still end at full size
         return full
-    sizes = [*range(start, full, step), full]
-    return sizes[epoch * len(sizes) // n_epoch]
+    sizes = progressive_stages(start, full, step)
+    weights = shares or (1.0,) * len(sizes)
+    # the last stage whose start (its cumulative share of the epochs) the epoch has reached; equal shares give
+    # epoch * len(sizes) // n_epoch
+    ends, total = 0.0, sum(weights)
+    stage = 0
+    for k, w in enumerate(weights[:-1]):
+        ends += w
+        if epoch * total >= ends * n_epoch - 1e-9:
+            stage = k + 1
+    return sizes[stage]
 
 
 class ProgressiveResize(Callback):
     """`--progressive N`: train the early epochs on batches downscaled to N px, growing by 4 px per stage to the full
-    size (the last stage, and validation, test and export, stay at full size).
+    size (the last stage, and validation, test and export, stay at full size); `shares`: the stages' relative
+    lengths (`progressive_size`; `--progressive-shares`), equal by default.
 
     Progressive resizing: fast.ai's DAWNBench ImageNet entry (Howard et al. 2018, "Now anyone can train Imagenet in
     18 minutes") and EfficientNetV2's progressive learning (Tan & Le 2021, sec. 4). On this CPU an epoch of
@@ -189,11 +229,11 @@ class ProgressiveResize(Callback):
 
     order = -2  # after the loader's batch transforms; before attacks, random erasing and MixUp/CutMix (orders -1, 0)
 
-    def __init__(self, start: int, full: int):
-        self.start, self.full = start, full
+    def __init__(self, start: int, full: int, shares: tuple[float, ...] = ()):
+        self.start, self.full, self.shares = start, full, shares
 
     def before_train(self):  # once per epoch, not per batch
-        self.size = progressive_size(self.epoch, self.n_epoch, self.start, self.full)
+        self.size = progressive_size(self.epoch, self.n_epoch, self.start, self.full, shares=self.shares)
 
     def before_batch(self):
         if not self.training:

@@ -21,6 +21,8 @@ def test_plan_keeps_the_epochs_that_fit_with_the_test_pass_reserved():
     assert plan_epochs(100, 20, 1, 10, one, 2, 16, 32, progressive=20) == 7
     # an estimate that may run 10% high: 7 epochs end at 108 s by it, 8 s over, within 10% of the 88 s it gives them
     assert plan_epochs(100, 20, 1, 10, one, 2, 16, 32, tolerance=0.1) == 7
+    # --progressive-shares: more of the left epochs at the cheap sizes, so more fit
+    assert plan_epochs(100, 20, 1, 10, one, 2, 16, 32, progressive=20, shares=(3.0, 1.0, 1.0, 1.0)) == 9
 
 
 def test_estimates_scaled_from_a_smaller_size_get_the_tolerance_until_full_size_is_measured(monkeypatch):
@@ -29,7 +31,7 @@ def test_estimates_scaled_from_a_smaller_size_get_the_tolerance_until_full_size_
     from cifar_fastai import budget
 
     seen = []
-    monkeypatch.setattr(budget, "plan_epochs", lambda *a: seen.append(a[-1]) or a[3])  # its tolerance argument
+    monkeypatch.setattr(budget, "plan_epochs", lambda *a, **k: seen.append(a[-1]) or a[3])  # its tolerance argument
     cb = TimeBudget(600, 0.0, 32, progressive=20)
     cb.learn = SimpleNamespace(epoch=0, n_epoch=8)
     cb.before_fit()
@@ -37,7 +39,9 @@ def test_estimates_scaled_from_a_smaller_size_get_the_tolerance_until_full_size_
     for epoch in range(8):  # sizes 20, 20, 24, 24, 28, 28, 32, 32
         cb.learn.epoch = epoch
         cb.plan(epoch + 1)
-    assert seen == [budget.SCALED_TOLERANCE] * 6 + [0.0] * 2, "measured at full size: the estimate is taken as it is"
+    assert seen == [budget.FIRST_EPOCH_TOLERANCE] + [budget.SCALED_TOLERANCE] * 5 + [0.0] * 2, (
+        "the warm-up epoch gets the most slack; measured at full size, the estimate is taken as it is"
+    )
 
 
 class FixedPlan(TimeBudget):

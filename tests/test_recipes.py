@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 
 from cifar_fastai import TrainConfig
 from cifar_fastai.archs import get_arch
-from cifar_fastai.errors import CifarFastaiError
+from cifar_fastai.errors import CifarFastaiError, ConfigError
 from cifar_fastai.models.cifar_resnet import PatchWhiten
 from cifar_fastai.recipes import RECIPES, apply_recipe
 
@@ -28,6 +29,9 @@ def test_recipe_fills_defaults_and_explicit_options_win():
     assert apply_recipe(kept) is kept, "applying twice changes nothing"
     with pytest.raises(CifarFastaiError, match="fast, long, record"):
         apply_recipe(TrainConfig(recipe="warp"))
+    # the CLI's choices for --recipe (config.py cannot import recipes.py, which imports it) are the recipes
+    field = next(f for f in dataclasses.fields(TrainConfig) if f.name == "recipe")
+    assert set(field.metadata["choices"]) == set(RECIPES)
 
 
 def test_whitening_stem_decorrelates_patches_and_is_frozen():
@@ -370,6 +374,24 @@ def test_progressive_sizes_grow_in_equal_stages_and_end_at_full_size():
     assert [progressive_size(e, 5, 0, 32) for e in range(5)] == [32] * 5, "start 0: off, every epoch at full size"
 
 
+def test_progressive_shares_set_the_stage_lengths_and_scale_with_the_epochs():
+    from cifar_fastai.recipes import parse_shares, progressive_size
+
+    shares = parse_shares("7,5,3,2", 20, 32)
+    assert [progressive_size(e, 17, 20, 32, shares=shares) for e in range(17)] == [20] * 7 + [24] * 5 + [28] * 3 + [32] * 2
+    # a run cut to fewer epochs (--time-budget) keeps the proportions and still ends at full size
+    assert [progressive_size(e, 12, 20, 32, shares=shares) for e in range(12)] == [20] * 5 + [24] * 4 + [28] * 2 + [32]
+    equal = parse_shares("1,1,1,1", 20, 32)
+    assert all(progressive_size(e, n, 20, 32, shares=equal) == progressive_size(e, n, 20, 32)
+               for n in range(1, 30) for e in range(n)), "equal shares: the default stages"  # fmt: skip
+    assert parse_shares("", 20, 32) == ()
+    for bad in ("7,5,3", "7,5,3,0", "a,b,c,d"):
+        with pytest.raises(ConfigError, match="one positive number per stage.*20, 24, 28, 32 px"):
+            parse_shares(bad, 20, 32)
+    with pytest.raises(ConfigError, match="it is off"):
+        parse_shares("1,1", 0, 32)
+
+
 class _SizeSpy:
     def __init__(self):
         self.seen = []
@@ -411,3 +433,6 @@ def test_progressive_runs_from_the_cli_and_refuses_a_start_above_the_size(tiny_d
     bad = run_script("scripts/train.py", "--data", str(tiny_data), "--progressive", "32", "--out", str(tmp_path))
     assert bad.returncode != 0 and "--progressive 32" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
     assert not any(p.name.startswith("resnet18") for p in tmp_path.iterdir()), "no empty run folder left behind"
+    bad = run_script("scripts/train.py", "--data", str(tiny_data), "--progressive", "24", "--progressive-shares", "3,1",
+                     "--out", str(tmp_path))  # fmt: skip
+    assert bad.returncode != 0 and "--progressive-shares 3,1" in bad.stderr + bad.stdout and "Traceback" not in bad.stderr
