@@ -91,7 +91,7 @@ class TimeBudget(Callback):
         self.reason = ""
 
     def before_fit(self):
-        self.planned, self.full_measured = self.n_epoch, False
+        self.planned, self.full_measured, self.n_planned = self.n_epoch, False, 0
 
     def before_epoch(self):
         if self.epoch >= self.n_epoch:  # lowered after the previous epoch: the run ends here
@@ -122,14 +122,16 @@ class TimeBudget(Callback):
 
     def plan(self, done: int) -> int:
         """The epochs that fit, from this epoch's measured cost (`plan_epochs`), up to the planned `--epochs` every
-        time: a cut made after one slow epoch (the first is, warming up, by up to a third here) is taken back when the
-        next ones run at speed (fastai re-reads `n_epoch` each epoch, so the rate schedule follows either way)."""
+        time: a cut made after one slow epoch is taken back when the next ones run at speed (fastai re-reads
+        `n_epoch` each epoch, so the rate schedule follows either way). The first epoch this process measures (the
+        first of the run, or the first after a --resume) warms up: `FIRST_EPOCH_TOLERANCE`."""
         size = progressive_size(self.epoch, self.n_epoch, self.progressive, self.size, shares=self.shares)
         valid_s = self.t_valid or 0.0
         reserve = valid_s * self.test_scale + EXPORT_S
         self.full_measured = self.full_measured or size >= self.size
         tolerance = 0.0 if self.full_measured else SCALED_TOLERANCE
-        if done == 1:
+        self.n_planned += 1
+        if self.n_planned == 1:
             tolerance = max(tolerance, FIRST_EPOCH_TOLERANCE)
         n = plan_epochs(
             self.budget_s, time.perf_counter() - self.start, done, self.planned, self.t_train / size**2, valid_s,

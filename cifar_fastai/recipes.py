@@ -31,6 +31,7 @@ github.com/KellerJordan/cifar10-airbench):
 
 from __future__ import annotations
 
+import math
 from collections.abc import Collection
 from dataclasses import dataclass, fields
 from typing import Any
@@ -186,7 +187,7 @@ def parse_shares(text: str, start: int, full: int) -> tuple[float, ...]:
         shares = tuple(float(v) for v in text.split(","))
     except ValueError:
         shares = ()
-    if not stages or len(shares) != len(stages) or min(shares) <= 0:
+    if not stages or len(shares) != len(stages) or not all(math.isfinite(v) and v > 0 for v in shares):
         raise ConfigError(
             f"--progressive-shares {text}: give one positive number per stage of --progressive ("
             + (f"{len(stages)}: {', '.join(map(str, stages))} px)" if stages else "it is off)")
@@ -205,6 +206,8 @@ def progressive_size(
         return full
     sizes = progressive_stages(start, full, step)
     weights = shares or (1.0,) * len(sizes)
+    if len(weights) != len(sizes):
+        raise ConfigError(f"progressive shares {shares}: one per stage ({', '.join(map(str, sizes))} px)")
     # the last stage whose start (its cumulative share of the epochs) the epoch has reached; equal shares give
     # epoch * len(sizes) // n_epoch
     ends, total = 0.0, sum(weights)

@@ -42,6 +42,14 @@ def test_estimates_scaled_from_a_smaller_size_get_the_tolerance_until_full_size_
     assert seen == [budget.FIRST_EPOCH_TOLERANCE] + [budget.SCALED_TOLERANCE] * 5 + [0.0] * 2, (
         "the warm-up epoch gets the most slack; measured at full size, the estimate is taken as it is"
     )
+    resumed = TimeBudget(600, 0.0, 32, progressive=20)  # a --resume: the new process warms up at epoch 6
+    resumed.learn = SimpleNamespace(epoch=5, n_epoch=8)
+    resumed.before_fit()
+    resumed.t_train, resumed.t_valid = 10.0, 1.0
+    resumed.plan(6)
+    resumed.learn.epoch = 6
+    resumed.plan(7)
+    assert seen[-2:] == [budget.FIRST_EPOCH_TOLERANCE, 0.0], "the first epoch a process measures is its warm-up"
 
 
 class FixedPlan(TimeBudget):

@@ -385,7 +385,7 @@ def test_progressive_shares_set_the_stage_lengths_and_scale_with_the_epochs():
     assert all(progressive_size(e, n, 20, 32, shares=equal) == progressive_size(e, n, 20, 32)
                for n in range(1, 30) for e in range(n)), "equal shares: the default stages"  # fmt: skip
     assert parse_shares("", 20, 32) == ()
-    for bad in ("7,5,3", "7,5,3,0", "a,b,c,d"):
+    for bad in ("7,5,3", "7,5,3,0", "a,b,c,d", "nan,1,1,1", "inf,1,1,1"):
         with pytest.raises(ConfigError, match="one positive number per stage.*20, 24, 28, 32 px"):
             parse_shares(bad, 20, 32)
     with pytest.raises(ConfigError, match="it is off"):
