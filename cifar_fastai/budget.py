@@ -65,7 +65,7 @@ def plan_epochs(
 # left to the later, better measured epochs (the full-size stage alone is a quarter of a progressive run's epochs).
 SCALED_TOLERANCE = 0.1
 # The first epoch warms up (and, in the recipes, whitens the stem before it): in the `fast` runs of
-# bench/time_to_accuracy.py it took 6-19% longer than the second (history.csv), and a busy host can add more. Its plan
+# bench/time_to_accuracy.py it took 6-17% longer than the second (history.csv), and a busy host can add more. Its plan
 # cuts only an overrun beyond this share of the time left: a cut after it, even one taken back after the second epoch,
 # changes the second epoch's rates (fastai's schedule reads n_epoch), so the same seed would train differently
 # depending on how fast the host was in the first epoch.
