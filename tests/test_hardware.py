@@ -230,3 +230,24 @@ def test_tensor_loader_batches_land_on_the_chosen_device(tiny_data):
     data.dls.to(torch.device("meta"))
     xb, yb = data.dls.train.one_batch()
     assert xb.device.type == "meta" and yb.device.type == "meta" and xb.shape == (8, 3, 32, 32)
+
+
+def test_training_keeps_freed_memory_unless_told_not_to(monkeypatch):
+    """`--keep-memory` (default): glibc keeps freed memory, so a training step does not page-fault its activations
+    in again; `--no-keep-memory` leaves the allocator alone; where there is no glibc it reports False, no error."""
+    calls = []
+    monkeypatch.setattr(hardware, "keep_freed_memory", lambda: calls.append(1) or False)
+    rt = hardware.setup(TrainConfig(keep_memory=False, device="cpu", precision="fp32"))
+    assert calls == []
+    hardware.setup(TrainConfig(device="cpu", precision="fp32"))
+    assert calls == [1]
+    monkeypatch.undo()
+
+    monkeypatch.setattr(hardware, "_memory_kept", False)
+    monkeypatch.setattr(hardware.sys, "platform", "darwin")
+    assert hardware.keep_freed_memory() is False
+    monkeypatch.setattr(hardware.sys, "platform", "linux")
+    if hardware.keep_freed_memory():  # glibc (this machine and CI): recorded where config.json reads it
+        rt = hardware.setup(TrainConfig(device="cpu", precision="fp32"))
+        assert rt.memory_kept and rt.to_dict()["memory_kept"]
+        assert "freed memory kept" in rt.line(TrainConfig())
