@@ -12,6 +12,7 @@ still ends at its final value, and progressive resizing still ends at full size,
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from fastai.callback.core import Callback, CancelFitException
 
@@ -33,37 +34,65 @@ def process_start() -> float:
         return time.perf_counter()
 
 
+EpochCost = Callable[[int], float]  # training seconds of one epoch at a size
+
+
+def epoch_cost(measured: dict[int, float], size: int) -> tuple[EpochCost, bool]:
+    """The training seconds of an epoch at any size, anchored at the epoch just measured at `size` (the host's speed
+    now); `measured`: the latest epoch's seconds at each size trained so far. With a second size measured, the cost
+    grows from the anchor along the line in size**2 through both (part of an epoch does not grow with the image: a
+    32 px epoch of the `fast` recipe took 2.1x a 20 px one, not (32/20)**2 = 2.56x, and the line through 20 and 24 px
+    predicted 28 and 32 px within 4%); with one size only, quadratically (the known high side). Returns the cost
+    and whether it is the quadratic fallback."""
+    t = measured[size]
+    slope = t / size**2
+    quadratic = True
+    others = [s for s in measured if s != size]
+    if others:
+        near = min(others, key=lambda s: abs(s - size))
+        fitted = (t - measured[near]) / (size**2 - near**2)
+        if fitted > 0:  # not a host that sped up between the two sizes
+            slope, quadratic = fitted, False
+    return (lambda s: max(0.0, t + slope * (s * s - size * size))), quadratic
+
+
 def finish_s(
-    elapsed_s: float, epoch: int, n: int, s_per_px: float, valid_s: float, reserve_s: float, size: int,
+    elapsed_s: float, epoch: int, n: int, cost: float | EpochCost, valid_s: float, reserve_s: float, size: int,
     progressive: int = 0, shares: tuple[float, ...] = (),
 ) -> float:  # fmt: skip
-    """When a run of `n` epochs would end: `epoch` epochs are done, each further epoch at size s costs
-    `s_per_px * s**2` seconds of training plus `valid_s`, and the test pass and export `reserve_s` at the end."""
+    """When a run of `n` epochs would end: `epoch` epochs are done, each further epoch at size s costs `cost(s)`
+    seconds of training (a number: `cost * s**2`) plus `valid_s`, and the test pass and export `reserve_s` at the
+    end."""
     sizes = [progressive_size(e, n, progressive, size, shares=shares) for e in range(epoch, n)]
-    return elapsed_s + sum(s_per_px * s * s + valid_s for s in sizes) + reserve_s
+    cost_at = cost if callable(cost) else (lambda s: cost * s * s)
+    return elapsed_s + sum(cost_at(s) + valid_s for s in sizes) + reserve_s
 
 
 def plan_epochs(
-    budget_s: float, elapsed_s: float, epoch: int, n_epoch: int, s_per_px: float, valid_s: float, reserve_s: float,
-    size: int, progressive: int = 0, tolerance: float = 0.0, shares: tuple[float, ...] = (),
+    budget_s: float, elapsed_s: float, epoch: int, n_epoch: int, cost: float | EpochCost, valid_s: float,
+    reserve_s: float, size: int, progressive: int = 0, tolerance: float = 0.0, shares: tuple[float, ...] = (),
 ) -> int:  # fmt: skip
     """The most epochs (<= `n_epoch`) whose remaining ones fit (`finish_s`). Never fewer than `epoch` (those are done);
     `epoch` means: stop now. `tolerance`: the share of the time left by which the estimate may run high (one known
     to overestimate): a plan over the budget by less still counts as fitting, and later epochs, measured again, can
     still drop epochs."""
     for n in range(n_epoch, epoch, -1):
-        end = finish_s(elapsed_s, epoch, n, s_per_px, valid_s, reserve_s, size, progressive, shares)
+        end = finish_s(elapsed_s, epoch, n, cost, valid_s, reserve_s, size, progressive, shares)
         if end - budget_s <= tolerance * (end - elapsed_s):
             return n
     return epoch
 
 
-# Until an epoch at full size has been measured, the cost of one is scaled up from a smaller size, quadratically, and
-# that runs high here: in a full-width `airbench_resnet` run (bf16, bs 250) a 20 px epoch took 22-25 s and a 32 px one
-# 54-55 s, 2.2-2.5x rather than (32/20)^2 = 2.56x, and the first epochs, which still train the whitening bias
-# (recipes.WhitenInit), take up to ~10% longer. An overrun estimated at under SCALED_TOLERANCE of the time left is
-# left to the later, better measured epochs (the full-size stage alone is a quarter of a progressive run's epochs).
-SCALED_TOLERANCE = 0.1
+# Until a second size has been measured, the cost of an epoch at a larger size is scaled up from the one measured,
+# quadratically, and that runs high here: in the full-width `airbench_resnet` runs (bf16, bs 250) a 32 px epoch took
+# 2.1-2.5x a 20 px one rather than (32/20)^2 = 2.56x, and the first epochs, which still train the whitening bias
+# (recipes.WhitenInit), take up to ~10% longer. An overrun estimated at under SCALED_TOLERANCE of the time left is left
+# to the later, better measured epochs; so is one under FITTED_TOLERANCE once two sizes give the line `epoch_cost`
+# extrapolates along, until the full size is measured (the full-size stage alone is a quarter of a progressive
+# run's epochs). A cut early in a run changes the rate schedule of every epoch after it (fastai's schedule reads
+# n_epoch), even when a later plan takes it back.
+SCALED_TOLERANCE = 0.25
+FITTED_TOLERANCE = 0.05
 # The first epoch warms up (and, in the recipes, whitens the stem before it): in the `fast` runs of
 # bench/time_to_accuracy.py it took 6-17% longer than the second (history.csv), and a busy host can add more. Its plan
 # cuts only an overrun beyond this share of the time left: a cut after it, even one taken back after the second epoch,
@@ -75,9 +104,9 @@ FIRST_EPOCH_TOLERANCE = 0.25
 class TimeBudget(Callback):
     """Set `n_epoch` after each epoch so that the run ends within `budget_s` seconds of `start` (a
     `time.perf_counter()` value); the test pass (`test_passes` times the validation pass, scaled to `n_test` images:
-    6 with TTA) and the export are reserved for at the end. The cost of an epoch is taken from the last one measured,
-    per pixel of the training size, so a host that slows down mid-run is seen at the next epoch (`SCALED_TOLERANCE`:
-    how much an estimate from a smaller size may be over before it counts)."""
+    6 with TTA) and the export are reserved for at the end. The cost of an epoch is anchored at the last one measured
+    (`epoch_cost`), so a host that slows down mid-run is seen at the next epoch (`SCALED_TOLERANCE`,
+    `FITTED_TOLERANCE`: how much an estimate from smaller sizes may be over before it counts)."""
 
     order = -20  # before TrainEvalCallback: the cancelled epoch starts nothing (no flip phase, no history row)
 
@@ -91,7 +120,7 @@ class TimeBudget(Callback):
         self.reason = ""
 
     def before_fit(self):
-        self.planned, self.full_measured, self.n_planned = self.n_epoch, False, 0
+        self.planned, self.full_measured, self.n_planned, self.measured = self.n_epoch, False, 0, {}
 
     def before_epoch(self):
         if self.epoch >= self.n_epoch:  # lowered after the previous epoch: the run ends here
@@ -129,13 +158,15 @@ class TimeBudget(Callback):
         valid_s = self.t_valid or 0.0
         reserve = valid_s * self.test_scale + EXPORT_S
         self.full_measured = self.full_measured or size >= self.size
-        tolerance = 0.0 if self.full_measured else SCALED_TOLERANCE
+        self.measured[size] = self.t_train
+        cost, quadratic = epoch_cost(self.measured, size)
+        tolerance = 0.0 if self.full_measured else SCALED_TOLERANCE if quadratic else FITTED_TOLERANCE
         self.n_planned += 1
         if self.n_planned == 1:
             tolerance = max(tolerance, FIRST_EPOCH_TOLERANCE)
         n = plan_epochs(
-            self.budget_s, time.perf_counter() - self.start, done, self.planned, self.t_train / size**2, valid_s,
-            reserve, self.size, self.progressive, tolerance, shares=self.shares,
+            self.budget_s, time.perf_counter() - self.start, done, self.planned, cost, valid_s, reserve, self.size,
+            self.progressive, tolerance, shares=self.shares,
         )  # fmt: skip
         self.reason = (
             f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit (epoch {done} took "

@@ -5,8 +5,10 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from cifar_fastai import TrainConfig
-from cifar_fastai.budget import TimeBudget, plan_epochs
+from cifar_fastai.budget import TimeBudget, epoch_cost, plan_epochs
 
 from .conftest import run_script
 
@@ -23,6 +25,22 @@ def test_plan_keeps_the_epochs_that_fit_with_the_test_pass_reserved():
     assert plan_epochs(100, 20, 1, 10, one, 2, 16, 32, tolerance=0.1) == 7
     # --progressive-shares: more of the left epochs at the cheap sizes, so more fit
     assert plan_epochs(100, 20, 1, 10, one, 2, 16, 32, progressive=20, shares=(3.0, 1.0, 1.0, 1.0)) == 9
+
+
+def test_epoch_cost_follows_two_measured_sizes_instead_of_the_quadratic_guess():
+    # the fast recipe's epochs in the README's runs: 23.5 s at 20 px, 30.5 s at 24, then 37.3 s at 28 and 49.7 s at 32
+    cost, quadratic = epoch_cost({20: 23.5}, 20)
+    assert quadratic and cost(32) == pytest.approx(23.5 * (32 / 20) ** 2), "one size: scaled by the pixels, the known high side"
+    cost, quadratic = epoch_cost({20: 23.5, 24: 30.5}, 24)
+    assert not quadratic and cost(24) == 30.5, "anchored at the epoch just measured"
+    assert abs(cost(28) - 37.3) < 0.05 * 37.3 and abs(cost(32) - 49.7) < 0.05 * 49.7
+    cost, quadratic = epoch_cost({20: 23.5, 24: 20.0}, 24)
+    assert quadratic and cost(32) == pytest.approx(20.0 * (32 / 24) ** 2), "a host that sped up between the sizes: no line"
+    # on a host 4% faster, the line says 16 epochs fit where the quadratic guess from the 24 px epoch says they do not
+    elapsed = 15 + 4 * 22.5 + 29.2  # process start to the end of the first 24 px epoch (epoch 5 of 16)
+    line, _ = epoch_cost({20: 22.5, 24: 29.2}, 24)
+    assert plan_epochs(600, elapsed, 5, 16, line, 0.3, 23, 32, progressive=20) == 16
+    assert plan_epochs(600, elapsed, 5, 16, 29.2 / 24**2, 0.3, 23, 32, progressive=20) < 16
 
 
 def test_estimates_scaled_from_a_smaller_size_get_the_tolerance_until_full_size_is_measured(monkeypatch):
