@@ -154,10 +154,11 @@ def default_threads(n_cores: int | None = None) -> int:
 
 # glibc malloc serves a block above its mmap threshold with mmap and returns the free top of its heap to the OS above
 # its trim threshold; a CPU training step frees and reallocates tens of MB of activations and gradients, so each
-# step page-faults them in again, zeroed by the kernel (the default allocator made ~3x the minor faults). Keeping the
+# step page-faults them in again, zeroed by the kernel (a one-off count: several times the minor page faults). Keeping the
 # memory (the role of jemalloc/tcmalloc in PyTorch's CPU performance tuning guide, docs.pytorch.org/tutorials/recipes/
-# recipes/tuning_guide.html, "Switch Memory allocator") measured +16% (32 px) and +30% (20 px) training images/s for
-# the fast recipes' net here (bench/train_speed.py, README "Speed on the CPU"), for about 150 MB more resident memory.
+# recipes/tuning_guide.html, "Switch Memory allocator") made the fast recipes' net's bare training step 1.19x as fast
+# and our path through scripts/train.py 1.09x (bench/train_speed.py and a back-to-back comparison, README "Speed on
+# the CPU"); the process keeps its peak memory resident instead.
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc <malloc.h>
 MMAP_THRESHOLD = 32 << 20  # glibc's largest (HEAP_MAX_SIZE / 2 on 64-bit); larger blocks are still mmapped
 TRIM_THRESHOLD = 1 << 30  # keep up to 1 GiB of free heap top
