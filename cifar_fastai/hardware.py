@@ -5,7 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -231,7 +231,7 @@ def setup(cfg: TrainConfig) -> Runtime:
     rt = runtime(cfg)
     torch.set_num_threads(rt.threads)
     if cfg.keep_memory and keep_freed_memory():
-        rt = runtime(cfg)
+        rt = replace(rt, memory_kept=True)
     return rt
 
 

@@ -237,7 +237,7 @@ def test_training_keeps_freed_memory_unless_told_not_to(monkeypatch):
     in again; `--no-keep-memory` leaves the allocator alone; where there is no glibc it reports False, no error."""
     calls = []
     monkeypatch.setattr(hardware, "keep_freed_memory", lambda: calls.append(1) or False)
-    rt = hardware.setup(TrainConfig(keep_memory=False, device="cpu", precision="fp32"))
+    hardware.setup(TrainConfig(keep_memory=False, device="cpu", precision="fp32"))
     assert calls == []
     hardware.setup(TrainConfig(device="cpu", precision="fp32"))
     assert calls == [1]
