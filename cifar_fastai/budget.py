@@ -120,7 +120,7 @@ class TimeBudget(Callback):
         self.reason = ""
 
     def before_fit(self):
-        self.planned, self.full_measured, self.n_planned, self.measured = self.n_epoch, False, 0, {}
+        self.planned, self.n_planned, self.measured = self.n_epoch, 0, {}
 
     def before_epoch(self):
         if self.epoch >= self.n_epoch:  # lowered after the previous epoch: the run ends here
@@ -157,10 +157,10 @@ class TimeBudget(Callback):
         size = progressive_size(self.epoch, self.n_epoch, self.progressive, self.size, shares=self.shares)
         valid_s = self.t_valid or 0.0
         reserve = valid_s * self.test_scale + EXPORT_S
-        self.full_measured = self.full_measured or size >= self.size
         self.measured[size] = self.t_train
         cost, quadratic = epoch_cost(self.measured, size)
-        tolerance = 0.0 if self.full_measured else SCALED_TOLERANCE if quadratic else FITTED_TOLERANCE
+        full_measured = max(self.measured) >= self.size
+        tolerance = 0.0 if full_measured else SCALED_TOLERANCE if quadratic else FITTED_TOLERANCE
         self.n_planned += 1
         if self.n_planned == 1:
             tolerance = max(tolerance, FIRST_EPOCH_TOLERANCE)
