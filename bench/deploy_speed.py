@@ -24,7 +24,7 @@ def main(
     out: Annotated[Path, typer.Option(help="JSON written here")] = Path("bench/out/deploy_speed.json"),
 ) -> None:
     """Measure, print a table, write JSON."""
-    from cifar_fastai.deploy import benchmark
+    from cifar_fastai.deploy.onnx import benchmark
 
     res = run_or_exit(lambda: benchmark(run, data, n_test, reps, threads))
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from typing import Annotated
 import torch
 import typer
 
-from cifar_fastai.data import resolve_data
+from cifar_fastai.data.sources import resolve_data
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -3,7 +3,7 @@
     python bench/precision.py --data ../shared/data/cifar10-jpeg75.tgz --arch tiny --epochs 1
     python bench/precision.py --data sample --arch resnet18 --epochs 1 --variants fp32,fp32+cl
 
-Each variant is one `cifar_fastai.train.train` run (the project's own flow); ratios are against the first variant,
+Each variant is one `cifar_fastai.train` run (the project's own flow); ratios are against the first variant,
 measured on the same machine. Variants whose run folder already holds metrics.json are reused (resume after a
 time limit). Writes bench/out/precision.json (or --out).
 """
@@ -18,8 +18,9 @@ import torch
 import typer
 
 from cifar_fastai.config import TrainConfig
-from cifar_fastai.hardware import cpu_flags
-from cifar_fastai.train import train, versions
+from cifar_fastai.training.hardware import cpu_flags
+from cifar_fastai.training.run import train
+from cifar_fastai.utils import versions
 
 
 def main(

@@ -44,7 +44,7 @@ def host_speed() -> dict:
         sys.path.insert(0, str(REPO / "bench"))
     from train_speed import bare_step, docs_recipe
 
-    from cifar_fastai.data import resolve_data
+    from cifar_fastai.data.sources import resolve_data
 
     bare = bare_step("resnet18", 256, steps=8, channels_last=True, bf16=False)["images_per_s"]
     docs = docs_recipe(resolve_data("sample"), per_class=200)["epoch_images_per_s"]

@@ -27,9 +27,10 @@ from typing import Annotated
 import torch
 import typer
 
-from cifar_fastai import TrainConfig, hardware
-from cifar_fastai.data import resolve_data
-from cifar_fastai.train import train
+from cifar_fastai import TrainConfig
+from cifar_fastai.data.sources import resolve_data
+from cifar_fastai.training import hardware
+from cifar_fastai.training.run import train
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench/out/train_speed.json"
@@ -81,7 +82,7 @@ def bare_step(arch: str, bs: int, steps: int, channels_last: bool, bf16: bool) -
     from fastai.losses import CrossEntropyLossFlat
     from fastai.optimizer import Adam
 
-    from cifar_fastai.archs import get_arch
+    from cifar_fastai.models import get_arch
 
     a = get_arch(arch)
     if a.kind == "cifar":

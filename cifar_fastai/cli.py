@@ -9,49 +9,50 @@ from collections.abc import Callable
 
 import typer
 
-from .archs import get_arch, list_archs
 from .config import TrainConfig
-from .errors import CifarFastaiError
-from .recipes import apply_recipe
-
-
-def _check_arch(value: str) -> str:
-    try:
-        get_arch(value)
-    except CifarFastaiError as e:
-        raise typer.BadParameter(str(e)) from None
-    return value
+from .errors import CifarFastaiError, ConfigError
+from .models import get_arch, list_archs
+from .training.resolve import resolve
 
 
 def _list_archs(value: bool) -> None:
     if value:
-        from .archs import _REGISTRY
-
         for name in list_archs():
-            typer.echo(f"{name:24s} {_REGISTRY[name].description}")
+            typer.echo(f"{name:24s} {get_arch(name).description}")
         typer.echo(f"{'timm/<name>':24s} any model in timm.list_models()")
         raise typer.Exit()
 
 
+def rules_text(meta) -> str:
+    """The field's choices and range as --help shows them; `TrainConfig` itself enforces them."""
+    parts = []
+    if "min" in meta and "max" in meta:
+        parts.append(f"{meta['min']:g} ... {meta['max']:g}")
+    elif "min" in meta:
+        parts.append(f">= {meta['min']:g}")
+    elif "max" in meta:
+        parts.append(f"<= {meta['max']:g}")
+    if "gt" in meta:
+        parts.append(f"> {meta['gt']:g}")
+    return f" [{', '.join(parts)}]" if parts else ""
+
+
 def config_parameters(cls=TrainConfig, exclude: tuple[str, ...] = ()) -> list[inspect.Parameter]:
-    """One typer option per config field: its default, help, range and choices come from the dataclass."""
+    """One typer option per config field, with its default and help. Choices and ranges are not given to typer:
+    `TrainConfig` checks them, so the command line and the Python API refuse a value with the same message."""
     hints = typing.get_type_hints(cls)
     params = []
     for f in dataclasses.fields(cls):
         if f.name in exclude:
             continue
         meta = dict(f.metadata)
-        kw: dict = {"help": meta.get("help", ""), "show_default": True}
-        for key in ("min", "max", "parser"):
-            if key in meta:
-                kw[key] = meta[key]
-        if "show" in meta:  # e.g. eps shows 8/255, not 0.03137254901960784
-            kw["show_default"] = meta["show"]
+        kw: dict = {"help": meta.get("help", "") + rules_text(meta), "show_default": True}
         annotation = hints[f.name]
+        if "parser" in meta:  # e.g. eps: '8/255' is parsed by TrainConfig, shown as 8/255
+            annotation = str
+            kw["show_default"] = meta.get("show", True)
         if "choices" in meta:
-            annotation = typing.Literal[tuple(meta["choices"])]  # typer shows and checks Literal choices
-        if f.name == "arch":
-            kw["callback"] = _check_arch
+            kw["metavar"] = "[" + "|".join(meta["choices"]) + "]"
         params.append(
             inspect.Parameter(
                 f.name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(f.default, **kw), annotation=annotation
@@ -86,6 +87,8 @@ def run_or_exit(job: Callable[[], object]) -> object:
 
 
 _CTX = inspect.Parameter("ctx", inspect.Parameter.KEYWORD_ONLY, annotation=typer.Context)  # which options were given
+
+
 _LIST_ARCHS = inspect.Parameter(
     "list_archs_",
     inspect.Parameter.KEYWORD_ONLY,
@@ -105,12 +108,129 @@ def train_command(ctx: typer.Context | None = None, list_archs_: bool = False, *
 
       python scripts/train.py --data sample --lr-find
     """
-    from .distributed import launch
-    from .train import lr_find, train
+    from .training.distributed import launch
+    from .training.run import lr_find, train
 
-    cfg = run_or_exit(lambda: apply_recipe(TrainConfig(**kwargs), explicit_options(ctx)))  # issue 10: --recipe
-    run_or_exit(lambda: launch(lambda: lr_find(cfg) if cfg.lr_find else train(cfg)))  # launch: rank-aware (issue 8)
+    plan = run_or_exit(lambda: resolve(TrainConfig(**kwargs), explicit_options(ctx)))
+    run_or_exit(lambda: launch(lambda: lr_find(plan) if plan.cfg.lr_find else train(plan)))  # launch: rank-aware
 
 
-train_app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
-train_app.command(context_settings={"help_option_names": ["-h", "--help"]})(with_config_options(train_command, [_CTX, _LIST_ARCHS]))
+def new_app(**kwargs) -> typer.Typer:
+    """A Typer app as every script here uses it: plain help text, -h, and no rich tracebacks (errors are one line)."""
+    return typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None,
+                       context_settings={"help_option_names": ["-h", "--help"]}, **kwargs)  # fmt: skip
+
+
+def option(name: str, default, help: str, annotation=str, *flags: str, **extra) -> inspect.Parameter:
+    """An extra keyword-only option for a command whose other options come from `TrainConfig`."""
+    return inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY, default=typer.Option(default, *flags, help=help, **extra), annotation=annotation
+    )
+
+
+train_app = new_app()
+train_app.command()(with_config_options(train_command, [_CTX, _LIST_ARCHS]))
+
+
+# ------------------------------------------------------------------------------------------------ studies
+def sweep_command(ctx: typer.Context | None = None, param: list[str] | None = None, random: int = 0, **kwargs) -> None:
+    """Grid or random search over any scripts/train.py option, ranked by mean validation accuracy over the folds
+    (--folds K) or the hold-out; writes results.csv/.md, sweep.png and the best scripts/train.py command."""
+    from .studies.sweep import sweep
+
+    explicit = explicit_options(ctx) - {"param", "random"}
+    run_or_exit(lambda: sweep(TrainConfig(**kwargs), param or [], random, explicit=explicit))
+
+
+sweep_app = new_app()
+sweep_app.command()(
+    with_config_options(
+        sweep_command,
+        [
+            _CTX,
+            option("param", None, "a searched option: name=v1,v2 (grid) or name=low:high[:log] (random), e.g. "
+                   "lr=1e-3,3e-3; repeat it", list[str] | None, "--param", "-p"),
+            option("random", 0, "random search: this many seeded draws (0 = full grid)", int, min=0),
+            option("name", "sweep", "sweep folder under --out; rerunning into it skips finished trials"),
+        ],
+        exclude=("name", "fold", "lr_find"),
+    )
+)  # fmt: skip
+
+
+def compare_command(ctx: typer.Context | None = None, grid: str = "", widths: str = "1", study: str = "compare", **kwargs) -> None:
+    """Train a grid of architectures x widths under one budget; write a CSV, a Markdown table and a plot.
+
+    Examples:
+
+      python scripts/compare.py --data sample --grid tiny,resnet20 --epochs 1
+
+      python scripts/compare.py --data path/to/cifar10.tgz --grid resnet20,resnet56 --widths 1,2 --epochs 10
+    """
+    from .studies.compare import compare, parse_grid
+
+    explicit = explicit_options(ctx) - {"grid", "widths", "study"}
+    run_or_exit(lambda: compare(TrainConfig(**kwargs), parse_grid(grid, widths), study, explicit))
+
+
+compare_app = new_app()
+compare_app.command()(
+    with_config_options(
+        compare_command,
+        [
+            _CTX,
+            option("grid", ..., "comma-separated archs, each optionally ':width', e.g. resnet18,cifar_resnet18,resnet20:2"),
+            option("widths", "1", "comma-separated width multipliers for grid names given without ':width'"),
+            option("study", "compare", "study folder under --out; rerunning the same command resumes it"),
+        ],
+        exclude=("arch", "width", "name", "lr_find"),
+    )
+)  # fmt: skip
+
+
+def per_class_sizes(text: str) -> tuple[int | None, ...]:
+    """`--per-class 50,500,all` -> (50, 500, None): positive counts, or 'all'."""
+    sizes = []
+    for part in (p.strip() for p in text.split(",")):
+        if part == "all":
+            sizes.append(None)
+            continue
+        try:
+            n = int(part)
+        except ValueError:
+            n = 0
+        if n < 1:
+            raise ConfigError(f"--per-class {text}: give positive image counts per class or 'all', e.g. 50,500,all")
+        sizes.append(n)
+    return tuple(sizes)
+
+
+transfer_app = new_app()
+
+
+@transfer_app.command()
+def transfer_command(
+    data: str = typer.Option("cifar10", help="as scripts/train.py --data"),
+    arch: str = typer.Option("tiny", help="architecture of both arms (see scripts/train.py --list-archs)"),
+    width: float = typer.Option(2.0, help="width multiplier for the project's own models"),
+    source: str = typer.Option(None, help="classes the pretrained run learns (default: five of the ten)"),
+    target: str = typer.Option(None, help="classes of the new task (default: the other five)"),
+    per_class: str = typer.Option("50,500,all", help="training images per class of the new task, comma-separated"),
+    pretrain_epochs: int = typer.Option(6, min=1, help="epochs of the pretraining run"),
+    budget_images: int = typer.Option(60_000, min=1, help="per cell: epochs ~ this many training images / train set size"),
+    max_epochs: int = typer.Option(40, min=2, help="epoch cap for the smallest data sizes"),
+    lr: float = typer.Option(1e-2, min=0.0, help="max learning rate of both arms (fine-tuning: fastai's base lr)"),
+    bs: int = typer.Option(128, min=1, help="batch size (smaller for tiny training sets: >= 8 steps per epoch)"),
+    out: str = typer.Option("runs", help="folder for the study folder"),
+    name: str = typer.Option(None, help="study folder name (default transfer-<timestamp>)"),
+    pretrained_run: str = typer.Option(None, help="reuse this finished pretraining run (skips pretraining)"),
+) -> None:
+    """Pretrain on SOURCE, then train on TARGET from scratch and fine-tuned, at each data size, for equal epochs."""
+    from .studies.transfer import SOURCE_CLASSES, TARGET_CLASSES, transfer_study
+
+    def job():
+        sizes = per_class_sizes(per_class)
+        return transfer_study(data, arch, width, source or SOURCE_CLASSES, target or TARGET_CLASSES, sizes,
+                              pretrain_epochs, budget_images, max_epochs, lr, bs, out, name, pretrained_run)  # fmt: skip
+
+    run_or_exit(job)

@@ -1,12 +1,20 @@
-"""The one source of defaults: a frozen dataclass whose fields are also the CLI options of `scripts/train.py`."""
+"""The one source of defaults: a frozen, self-validating dataclass whose fields are also the CLI options.
+
+`TrainConfig(...)` refuses a typo or an out-of-range value with the same one-line `ConfigError` that the command
+line prints, so the Python API, the CLI, config files, sweeps and studies accept exactly the same settings.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from .errors import ArchError, ConfigError
 
 
 def fraction(text: str | float) -> float:
@@ -15,15 +23,50 @@ def fraction(text: str | float) -> float:
         value = float(text)
     else:
         num, _, den = str(text).partition("/")
-        value = float(num) / float(den) if den else float(num)
+        try:
+            value = float(num) / float(den) if den else float(num)
+        except (ValueError, ZeroDivisionError):
+            raise ValueError(f"{text!r} is not a number or a fraction: write e.g. 8/255") from None
     if not 0.0 <= value <= 1.0:
         raise ValueError(f"{text} is outside [0, 1] (pixel space): write e.g. 8/255")
     return value
 
 
 def opt(default: Any, help: str, **extra: Any) -> Any:
-    """A config field with its CLI help (and typer extras such as `min=`, `choices=`) in the metadata."""
+    """A config field with its CLI help and its rules in the metadata: `choices=`, `min=`, `max=`, `gt=` (above,
+    exclusive), `parser=` (text -> value), `show=` (the default as --help shows it)."""
     return field(default=default, metadata={"help": help, **extra})
+
+
+def option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def progressive_stages(start: int, full: int, step: int = 4) -> list[int]:
+    """The training sizes of progressive resizing from `start`: start, start+step, ..., full."""
+    return [*range(start, full, step), full]
+
+
+def parse_shares(text: str, start: int, full: int) -> tuple[float, ...]:
+    """`--progressive-shares '7,5,3,2'`: the relative number of epochs of each stage, smallest size first; '' is equal
+    shares. A clear error for a count that is not the number of stages or a share that is not positive."""
+    if not text:
+        return ()
+    stages = progressive_stages(start, full) if start else []
+    try:
+        shares = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        shares = ()
+    if not stages or len(shares) != len(stages) or not all(math.isfinite(v) and v > 0 for v in shares):
+        raise ConfigError(
+            f"--progressive-shares {text}: give one positive number per stage of --progressive ("
+            + (f"{len(stages)}: {', '.join(map(str, stages))} px)" if stages else "it is off)")
+        )
+    return shares
+
+
+# Architectures whose optimizer rates Muon's groups were set for (airbench94_muon's bias-free head, logits / width).
+MUON_ARCHS = ("airbench_resnet", "airbench94")
 
 
 @dataclass(frozen=True)
@@ -41,7 +84,7 @@ class TrainConfig:
         "'holdout': seeded hold-out from the training images; 'test': use the test set as validation (fastai convention)",
         choices=("holdout", "test"),
     )
-    valid_pct: float = opt(0.1, "fraction of training images held out for validation (0.1 of 50,000 = 5,000)", min=0.01, max=0.9)
+    valid_pct: float = opt(0.1, "fraction of training images held out for validation", min=0.01, max=0.9)
     size: int = opt(32, "input size fed to the model (e.g. 128 or 224 for ImageNet-pretrained models)", min=8)
     loader: str = opt(
         "auto",
@@ -58,7 +101,7 @@ class TrainConfig:
     # optimisation
     epochs: int = opt(5, "epochs (after the frozen epochs when fine-tuning)", min=1)
     bs: int = opt(256, "batch size", min=1)
-    lr: float | None = opt(None, "max learning rate (default: 1e-3 from scratch, 2e-3 base lr when fine-tuning)", min=0.0)
+    lr: float | None = opt(None, "max learning rate (default: 1e-3 from scratch, 2e-3 base lr when fine-tuning)", gt=0.0)
     wd: float = opt(0.05, "weight decay (decoupled, AdamW)", min=0.0)
     freeze_epochs: int = opt(1, "epochs with the pretrained body frozen before unfreezing", min=0)
     seed: int = opt(42, "random seed, set before the DataLoaders are built")
@@ -68,18 +111,18 @@ class TrainConfig:
     keep_memory: bool = opt(
         True,
         "keep freed memory in the process (glibc mallopt) instead of handing it back to the OS and page-faulting it "
-        "in again at every training step (CPU: the recipe net trained ~9% more images/s; README 'Speed on the CPU')",
+        "in again at every training step (docs/speed.md)",
     )
     out: str = opt("runs", "folder that holds the run folders")
     name: str | None = opt(None, "run folder name (default: <arch>-<timestamp>)")
     lr_find: bool = opt(False, "run learn.lr_find(), save lr_find.png, print the suggestions and stop")
-    # --- CIFAR ResNets from scratch (issue 4) ---
+    # training from scratch
     zero_init_residual: bool = opt(
         False,
         "from scratch: zero the last BN gamma of each residual branch so blocks start as identity "
         "(Goyal et al. 2017, 'Accurate, Large Minibatch SGD')",
     )
-    # --- fine-tuning and transfer (issue 5) ---
+    # fine-tuning and transfer
     train_per_class: int | None = opt(None, "keep at most N training images per class (seeded): low-data runs and quick budgets", min=1)
     classes: str | None = opt(
         None, "comma-separated class names to keep in train, valid and test (e.g. 'cat,dog,horse'): a relabelled subset"
@@ -101,7 +144,7 @@ class TrainConfig:
     lr_mult: float = opt(
         100.0, "discriminative rates after unfreezing: slice(lr/2/lr_mult, lr/2) across the layer groups (fastai fine_tune)", min=1.0
     )
-    # --- training toolkit: logging, checkpoints, regularization, adversarial (issue 7) ---
+    # logging, checkpoints, regularization, adversarial training
     # adversarial training (Goodfellow et al. 2015 FGSM; Madry et al. 2018 PGD): perturbations in pixel space [0, 1]
     adv: str = opt(
         "none", "adversarial training: replace training batches by FGSM or PGD attacks", choices=("none", "fgsm", "pgd")
@@ -139,7 +182,7 @@ class TrainConfig:
     cutmix: float = opt(0.0, "CutMix Beta(alpha, alpha) alpha (0: off; fastai's default 1.0)", min=0.0)
     cutout: float = opt(0.0, "random erasing: probability that a training image gets a noise rectangle (0: off)", min=0.0, max=1.0)
     cutout_size: float = opt(0.3, "random erasing: largest erased area as a fraction of the image (fastai RandomErasing sh=0.3)", min=0.01, max=1.0)
-    # --- hardware: device and precision (issue 9) ---
+    # device and precision
     device: str = opt(
         "auto", "'auto': fastai's default_device() (CUDA GPU, else Apple MPS, else CPU); or force cpu, cuda or mps",
         choices=("auto", "cpu", "cuda", "mps"),
@@ -147,22 +190,22 @@ class TrainConfig:
     precision: str = opt(
         "auto",
         "'fp16' (CUDA, fastai to_fp16), 'bf16' (Ampere+ GPUs; CPU autocast), 'fp32'; 'auto': bf16 on GPUs that have "
-        "it, else fp16 on CUDA, fp32 on CPUs without AMX (bf16 measured slower there) and on mps",
+        "it, else fp16 on CUDA; on CPUs bf16 where the CPU's bf16 instructions pay, else fp32 (docs/hardware.md)",
         choices=("auto", "fp32", "fp16", "bf16"),
     )
     channels_last: bool = opt(False, "NHWC memory layout for model and batches (pays on GPUs with mixed precision)")
-    # --- fast CPU recipes (issue 10) ---
+    # the fast CPU recipes
     recipe: str | None = opt(
         None,
-        "named recipe measured on a 2-core CPU: 'fast' (10-minute budget) or 'long' (30 minutes), or 'record' (the "
-        "CIFAR-10 speed record's own settings, their baseline); sets the options the command line leaves at their "
-        "defaults (see the README)",
-        choices=("fast", "long", "record"),
+        "named recipe: 'quick' (the first model on the sample), 'fast' (10-minute budget), 'long' (30 minutes), or "
+        "'record' (the CIFAR-10 speed record's own settings, their baseline); sets the options the command line "
+        "leaves at their defaults (docs/speed.md)",
+        choices=("quick", "fast", "long", "record"),
     )
     optimizer: str = opt(
         "adam",
         "from scratch: 'adam' (fastai's AdamW, --wd decoupled) or 'muon' (Muon on conv filters + Nesterov SGD on biases "
-        "and head, airbench94_muon's rates, for airbench_resnet with --schedule linear; --lr is Muon's step, ~0.12-0.24; "
+        "and head, airbench94_muon's rates, for airbench_resnet with --schedule linear; --lr is Muon's step; "
         "--wd is not used: the groups carry airbench's weight decay)",
         choices=("adam", "muon"),
     )
@@ -195,14 +238,58 @@ class TrainConfig:
     tta: bool = opt(
         False, "also report test accuracy with test-time augmentation (airbench's 6 views: mirror x {none, +1px, -1px} shift)"
     )
-    # --- multi-process training under torchrun / accelerate launch (issue 8) ---
+    # multi-process training under torchrun / accelerate launch
     dist_timeout: int = opt(
         600,
         "seconds a rank waits in a collective (all-reduce, broadcast) for the others before the job fails instead of hanging",
         min=10,
     )
 
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            object.__setattr__(self, f.name, checked_value(f, getattr(self, f.name)))
+        self._check_rules()
+
+    def _check_rules(self) -> None:
+        """The rules between fields, all here: a config that passes them can be trained as it says."""
+        from .models import get_arch  # the registry imports nothing from here; deferred so config stays light
+
+        try:
+            get_arch(self.arch)
+        except ArchError as e:  # same message, one error type for every bad setting
+            raise ConfigError(str(e)) from None
+        if self.progressive and not 8 <= self.progressive < self.size:
+            raise ConfigError(f"--progressive {self.progressive}: the start size must be at least 8 and below --size {self.size}")
+        object.__setattr__(self, "_shares", parse_shares(self.progressive_shares, self.progressive, self.size))
+        if self.time_budget and self.fine_tuning:  # fine_tune is two fits (frozen, then unfrozen); the budget plans one
+            raise ConfigError("--time-budget plans a from-scratch run; fine-tuning (--pretrained/--weights) runs two fits: drop one")
+        if self.fine_tuning and self.schedule != "one_cycle":
+            raise ConfigError(f"--schedule {self.schedule} is for training from scratch; fine-tuning runs fastai's fine_tune schedule")
+        if self.optimizer == "muon":
+            if self.fine_tuning:
+                raise ConfigError("--optimizer muon trains from scratch; fine-tuning uses fastai's AdamW (drop --optimizer)")
+            if self.arch not in MUON_ARCHS:
+                raise ConfigError(f"--optimizer muon is tuned for --arch {' or '.join(MUON_ARCHS)} only (got {self.arch}): use adam")
+            if self.schedule != "linear":
+                # fit_one_cycle also cycles momentum (0.95-0.85-0.95) in every group, overriding Muon's 0.6 and SGD's 0.85
+                raise ConfigError("--optimizer muon needs --schedule linear (fastai's one-cycle would override its momentum)")
+        if self.alt_flip and self.loader == "datablock":
+            raise ConfigError("--alt-flip needs the tensor loader (images of one size, --loader tensor or auto)")
+        if self.mixup > 0 and self.cutmix > 0:
+            # both would wrap the loss function in turn and mix already-mixed targets; fastai applies one at a time
+            raise ConfigError("--mixup and --cutmix cannot be used together: pick one")
+        if self.folds == 1:
+            raise ConfigError("--folds 1 leaves nothing to validate on: use --folds 0 (hold-out) or 2 or more")
+        if self.folds and self.fold >= self.folds:
+            raise ConfigError(f"--fold {self.fold}: choose one of 0 ... {self.folds - 1} (--folds {self.folds})")
+        if self.init_from and self.pretrained:
+            raise ConfigError("--init-from already says where the weights come from: drop --pretrained")
+
     def replace(self, **changes: Any) -> TrainConfig:
+        unknown = sorted(set(changes) - FIELD_NAMES)
+        if unknown:
+            raise ConfigError(f"unknown setting(s): {', '.join(unknown)}{_did_you_mean(unknown)}")
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
@@ -218,11 +305,87 @@ class TrainConfig:
             return self.lr
         return 2e-3 if self.fine_tuning else 1e-3
 
+    @property
+    def shares(self) -> tuple[float, ...]:
+        """`progressive_shares` parsed (once, when the config was made)."""
+        return self._shares
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any], source: str = "config") -> TrainConfig:
+        """A config from a dict (a config.json's `config` part); unknown keys are an error that names them."""
+        unknown = sorted(set(settings) - FIELD_NAMES)
+        if unknown:
+            raise ConfigError(f"{source}: unknown setting(s) {', '.join(unknown)}{_did_you_mean(unknown)}")
+        return cls(**settings)
+
     @classmethod
     def from_json(cls, path: str | Path) -> TrainConfig:
-        raw = json.loads(Path(path).read_text())
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in raw.get("config", raw).items() if k in known})
+        """The config of a run folder's config.json (or of a JSON file holding the settings themselves)."""
+        path = Path(path).expanduser()
+        if path.is_dir():
+            path = path / "config.json"
+        try:
+            raw = json.loads(path.read_text())
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"{path}: not a readable config file ({type(e).__name__})") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config file holds a JSON object of settings")
+        return cls.from_dict(raw.get("config", raw), source=str(path))
+
+
+FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(TrainConfig))
+_HINTS = typing.get_type_hints(TrainConfig)
+
+
+def field_type(name: str) -> type:
+    """The field's value type, without `None` (`int | None` -> int)."""
+    args = [a for a in typing.get_args(_HINTS[name]) if a is not type(None)]
+    return args[0] if args else _HINTS[name]
+
+
+def _did_you_mean(names: list[str]) -> str:
+    import difflib
+
+    close = [m for n in names for m in difflib.get_close_matches(n, sorted(FIELD_NAMES), n=1)]
+    return f" (did you mean {', '.join(close)}?)" if close else ""
+
+
+def checked_value(f: dataclasses.Field, value: Any) -> Any:
+    """One field's value, checked against its type and the rules in its metadata; a `parser` field may be text."""
+    meta, name = f.metadata, f.name
+    if value is None:
+        if f.default is None:
+            return None
+        raise ConfigError(f"{option(name)}: a value is required (default {f.default!r})")
+    kind = field_type(name)
+    if isinstance(value, bool) and kind is not bool:
+        raise ConfigError(f"{option(name)} {value!r}: expected {'text' if kind is str else 'a number'}")
+    if "parser" in meta:
+        try:
+            value = meta["parser"](value)
+        except ValueError as e:
+            raise ConfigError(f"{option(name)}: {e}") from None
+    elif kind is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{option(name)} {value!r}: expected true or false")
+    elif kind is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{option(name)} {value!r}: expected a whole number")
+    elif kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{option(name)} {value!r}: expected a finite number")
+        value = float(value)
+    elif kind is str and not isinstance(value, str):
+        raise ConfigError(f"{option(name)} {value!r}: expected text")
+    if "choices" in meta and value not in meta["choices"]:
+        raise ConfigError(f"{option(name)} {value!r}: choose one of {', '.join(meta['choices'])}")
+    if "min" in meta and value < meta["min"]:
+        raise ConfigError(f"{option(name)} {value:g}: must be at least {meta['min']:g}")
+    if "max" in meta and value > meta["max"]:
+        raise ConfigError(f"{option(name)} {value:g}: must be at most {meta['max']:g}")
+    if "gt" in meta and value <= meta["gt"]:
+        raise ConfigError(f"{option(name)} {value:g}: must be above {meta['gt']:g}")
+    return value
 
 
 DEFAULTS = TrainConfig()

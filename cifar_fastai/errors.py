@@ -34,4 +34,7 @@ class ImageInputError(CifarFastaiError):
 
 
 class ConfigError(CifarFastaiError):
-    """Options that contradict each other, or a run folder that cannot be resumed."""
+    """A setting that is misspelt, out of range or contradicts another, or a run folder that cannot be resumed;
+    exit code 2, as for every other usage error of the command line."""
+
+    exit_code = 2

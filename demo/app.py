@@ -1,4 +1,4 @@
-"""Gradio demo: upload a picture, see the model's top-3 CIFAR-10 classes (logic in `cifar_fastai.serve`).
+"""Gradio demo: upload a picture, see the model's top-3 CIFAR-10 classes (logic in `cifar_fastai.deploy.serve`).
 
     python demo/app.py                                  # newest run under runs/ (safe model.json format)
     python demo/app.py --model runs/resnet18-cifar10 --port 7860
@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 
 from cifar_fastai.cli import run_or_exit
-from cifar_fastai.serve import Classifier, build_demo, find_default_model, serve
+from cifar_fastai.deploy.serve import Classifier, build_demo, find_default_model, serve
 
 EXAMPLES = sorted((Path(__file__).parent / "examples").glob("*.*"))
 clf: Classifier | None = None

@@ -1,11 +1,11 @@
 """Train a grid of architectures x widths under one budget; writes compare.csv, compare.md and compare.png.
 
     python scripts/compare.py --data sample --grid tiny,resnet20 --epochs 1
-    python scripts/compare.py --data ../shared/data/cifar10-jpeg75.tgz --grid resnet20,resnet56,resnet110 --epochs 5
-    python scripts/compare.py --data ../shared/data/cifar10-jpeg75.tgz --grid resnet20 --widths 1,2,4 --study width
+    python scripts/compare.py --data path/to/cifar10.tgz --grid resnet20,resnet56,resnet110 --epochs 5
+    python scripts/compare.py --data path/to/cifar10.tgz --grid resnet20 --widths 1,2,4 --study width
 """
 
-from cifar_fastai.compare import make_app
+from cifar_fastai.cli import compare_app
 
 if __name__ == "__main__":
-    make_app()()
+    compare_app()

@@ -10,14 +10,14 @@ from typing import Annotated, Literal
 
 import typer
 
-from cifar_fastai.cli import run_or_exit
+from cifar_fastai.cli import new_app, run_or_exit
 from cifar_fastai.config import DEFAULTS, fraction
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None)
+app = new_app()
 Opt = typer.Option
 
 
-@app.command(context_settings={"help_option_names": ["-h", "--help"]})
+@app.command()
 def main(
     run: Annotated[Path, typer.Argument(help="run folder (runs/<name>) with model.json + model.safetensors")],
     data: Annotated[
@@ -38,7 +38,7 @@ def main(
     ] = False,
 ) -> None:
     """Evaluate runs/<name>; writes evaluation.json, evaluation.md and evaluation_confusion_matrix.png into it."""
-    from cifar_fastai.evaluate import evaluate
+    from cifar_fastai.evaluation.evaluate import evaluate
 
     run_or_exit(lambda: evaluate(run, data, attack, eps, adv_alpha, adv_steps, attack_n or None, tta, bs, trust_pickle))
 

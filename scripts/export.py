@@ -12,9 +12,9 @@ from typing import Annotated
 
 import typer
 
-from cifar_fastai.cli import run_or_exit
+from cifar_fastai.cli import new_app, run_or_exit
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode=None, no_args_is_help=True)
+app = new_app(no_args_is_help=True)
 Trust = Annotated[bool, typer.Option("--trust-pickle", help="read export.pkl when the run has no model.json (runs its code)")]
 Run = Annotated[Path, typer.Argument(help="run folder")]
 
@@ -24,14 +24,7 @@ def onnx(run: Run, trust_pickle: Trust = False) -> None:
     """Write runs/<name>/model.onnx (input: float32 NCHW RGB in [0,1] at 32x32; normalization inside) + model.onnx.json."""
     import numpy as np
 
-    from cifar_fastai.deploy import (
-        PARITY_ATOL,
-        eager_logits,
-        export_onnx,
-        onnx_logits,
-        ort_session,
-        wrapped_model,
-    )
+    from cifar_fastai.deploy.onnx import PARITY_ATOL, eager_logits, export_onnx, onnx_logits, ort_session, wrapped_model
 
     def job():
         out = export_onnx(run, trust_pickle=trust_pickle)
@@ -54,7 +47,7 @@ def int8(
     trust_pickle: Trust = False,
 ) -> None:
     """Write runs/<name>/model.int8.onnx: static int8 quantization (onnxruntime, QDQ) calibrated on training images."""
-    from cifar_fastai.deploy import quantize_int8
+    from cifar_fastai.deploy.onnx import quantize_int8
 
     out = run_or_exit(lambda: quantize_int8(run, data, calib, reduce_range=reduce_range, trust_pickle=trust_pickle))
     typer.echo(f"wrote {out}")
@@ -63,7 +56,7 @@ def int8(
 @app.command()
 def safe(run: Run, trust_pickle: Trust = False) -> None:
     """Write model.json + model.safetensors for a run that has only export.pkl (needs --trust-pickle)."""
-    from cifar_fastai.safe import convert_pickle
+    from cifar_fastai.deploy.safe import convert_pickle
 
     out = run_or_exit(lambda: convert_pickle(run, trust_pickle=trust_pickle))
     typer.echo(f"wrote {out} and {out.with_name('model.safetensors')}")

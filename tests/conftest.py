@@ -57,7 +57,7 @@ def tiny_data(tmp_path_factory) -> Path:
 def tiny_run(tiny_data, tmp_path_factory) -> Path:
     """One short real training run of the tiny model, shared by the tests that only read its outputs."""
     from cifar_fastai import TrainConfig
-    from cifar_fastai.train import train
+    from cifar_fastai.training.run import train
 
     out = tmp_path_factory.mktemp("runs")
     cfg = TrainConfig(data=str(tiny_data), arch="tiny", epochs=2, bs=16, lr=1e-2, out=str(out), name="tiny")

@@ -9,12 +9,13 @@ from fastai.callback.core import Callback, CancelTrainException
 from typer.testing import CliRunner
 
 from cifar_fastai import TrainConfig, get_data, load_model
-from cifar_fastai.adversarial import AdversarialTraining, fgsm, normalize_stats, pgd, robust_accuracy, to_pixels
-from cifar_fastai.archs import get_arch
+from cifar_fastai.callbacks.adversarial import AdversarialTraining
 from cifar_fastai.cli import train_app
-from cifar_fastai.learner import create_learner
-from cifar_fastai.train import train
-from cifar_fastai.transforms import cifar_stats
+from cifar_fastai.data.transforms import cifar_stats
+from cifar_fastai.evaluation.attacks import fgsm, normalize_stats, pgd, robust_accuracy, to_pixels
+from cifar_fastai.models import get_arch
+from cifar_fastai.training.learner import create_learner
+from cifar_fastai.training.run import train
 
 
 def test_pgd_and_fgsm_stay_in_eps_ball_and_pixel_range():
@@ -96,7 +97,7 @@ def test_adversarial_training_end_to_end(tiny_data, tmp_path):
 
 def test_adversarial_options_accept_fractions(monkeypatch):
     seen = {}
-    monkeypatch.setattr("cifar_fastai.train.train", lambda cfg: seen.setdefault("cfg", cfg))
+    monkeypatch.setattr("cifar_fastai.training.run.train", lambda plan: seen.setdefault("cfg", plan.cfg))
     res = CliRunner().invoke(
         train_app, ["--adv", "fgsm", "--eps", "4/255", "--adv-alpha", "0.01", "--adv-ratio", "0.5"]
     )

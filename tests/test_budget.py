@@ -8,9 +8,8 @@ import json
 import pytest
 
 from cifar_fastai import TrainConfig
-from cifar_fastai.budget import TimeBudget, epoch_cost, plan_epochs
-
-from .conftest import run_script
+from cifar_fastai.training.budget import TimeBudget, epoch_cost, plan_epochs
+from tests.conftest import run_script
 
 
 def test_plan_keeps_the_epochs_that_fit_with_the_test_pass_reserved():
@@ -46,7 +45,7 @@ def test_epoch_cost_follows_two_measured_sizes_instead_of_the_quadratic_guess():
 def test_estimates_scaled_from_a_smaller_size_get_the_tolerance_until_full_size_is_measured(monkeypatch):
     from types import SimpleNamespace
 
-    from cifar_fastai import budget
+    from cifar_fastai.training import budget
 
     seen = []
     monkeypatch.setattr(budget, "plan_epochs", lambda *a, **k: seen.append(a[-1]) or a[3])  # its tolerance argument
@@ -81,10 +80,10 @@ class FixedPlan(TimeBudget):
 def test_a_shortened_run_still_ends_its_schedule_and_at_full_size(tiny_data):
     from fastai.callback.core import Callback
 
-    from cifar_fastai.data import get_data
-    from cifar_fastai.learner import create_learner, norm_stats
-    from cifar_fastai.recipes import ProgressiveResize
-    from cifar_fastai.train import fit
+    from cifar_fastai.callbacks.fast import ProgressiveResize
+    from cifar_fastai.data.loaders import get_data
+    from cifar_fastai.training.learner import create_learner, norm_stats
+    from cifar_fastai.training.run import fit
 
     seen = []
 
@@ -108,10 +107,10 @@ def test_a_shortened_run_still_ends_its_schedule_and_at_full_size(tiny_data):
 
 
 def test_a_cut_made_after_a_slow_epoch_is_taken_back(tiny_data):
-    from cifar_fastai.data import get_data
-    from cifar_fastai.learner import create_learner, norm_stats
-    from cifar_fastai.recipes import ProgressiveResize
-    from cifar_fastai.train import fit
+    from cifar_fastai.callbacks.fast import ProgressiveResize
+    from cifar_fastai.data.loaders import get_data
+    from cifar_fastai.training.learner import create_learner, norm_stats
+    from cifar_fastai.training.run import fit
 
     class SlowFirstEpoch(TimeBudget):  # the first epoch (warm-up) says 3 fit; the next ones, at speed, say all 5
         def plan(self, done: int) -> int:
@@ -144,7 +143,7 @@ def test_a_run_the_budget_ended_is_not_resumed(tiny_data, tmp_path):
     import pytest
 
     from cifar_fastai.errors import ConfigError
-    from cifar_fastai.train import train
+    from cifar_fastai.training.run import train
 
     cfg = TrainConfig(data=str(tiny_data), arch="airbench_resnet", width=0.25, bs=32, epochs=3, time_budget=1,
                       out=str(tmp_path), name="ended")  # fmt: skip
@@ -155,7 +154,7 @@ def test_a_run_the_budget_ended_is_not_resumed(tiny_data, tmp_path):
 
 
 def test_the_recipes_carry_the_issues_wall_times_and_the_command_line_wins():
-    from cifar_fastai.recipes import apply_recipe
+    from cifar_fastai.training.recipes import apply_recipe
 
     assert apply_recipe(TrainConfig(recipe="fast")).time_budget == 600
     assert apply_recipe(TrainConfig(recipe="long")).time_budget == 1800

@@ -10,9 +10,10 @@ from fastai.vision.learner import create_vision_model
 from typer.testing import CliRunner
 
 from cifar_fastai import TrainConfig, get_arch, get_data, list_archs
-from cifar_fastai.compare import CompareError, compare, make_app, parse_grid
-from cifar_fastai.learner import create_learner
+from cifar_fastai.cli import compare_app
 from cifar_fastai.models.cifar_resnet import zero_init_residual
+from cifar_fastai.studies.compare import CompareError, compare, parse_grid
+from cifar_fastai.training.learner import create_learner
 
 
 def build(name: str, width: float = 1.0) -> torch.nn.Module:
@@ -95,7 +96,7 @@ def test_compare_runs_end_to_end_and_resumes(tiny_data, tmp_path, capsys):
 
 
 def test_compare_command_rejects_unknown_arch_and_widths_of_torchvision_models():
-    res = CliRunner().invoke(make_app(), ["--data", "sample", "--grid", "resnet20,nosuchnet"])
+    res = CliRunner().invoke(compare_app, ["--data", "sample", "--grid", "resnet20,nosuchnet"])
     assert res.exit_code != 0 and "unknown architecture 'nosuchnet'" in res.output
     assert parse_grid("resnet18,resnet20", "1,2") == [("resnet18", 1.0), ("resnet20", 1.0), ("resnet20", 2.0)]
     with pytest.raises(CompareError, match="own models"):

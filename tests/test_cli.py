@@ -9,8 +9,7 @@ from typer.testing import CliRunner
 
 from cifar_fastai.cli import train_app
 from cifar_fastai.config import TrainConfig
-
-from .conftest import run_script
+from tests.conftest import run_script
 
 runner = CliRunner()
 

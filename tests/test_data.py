@@ -10,8 +10,9 @@ import torch
 from fastai.torch_core import TensorImage
 
 from cifar_fastai import DataError, TrainConfig, get_data, resolve_data
-from cifar_fastai.data import SAMPLE_DIR, index_images, split_indices
-from cifar_fastai.transforms import PadCropFlip
+from cifar_fastai.data.index import index_images, split_indices
+from cifar_fastai.data.sources import SAMPLE_DIR
+from cifar_fastai.data.transforms import PadCropFlip
 
 
 def test_sample_is_shipped_in_cifar_layout():

@@ -28,7 +28,7 @@ def load_app():
 @pytest.fixture(scope="module")
 def server(tiny_run):
     """The demo app serving the tiny run's safe model, as `python demo/app.py --model <run>` would."""
-    from cifar_fastai.serve import serve
+    from cifar_fastai.deploy.serve import serve
 
     app = load_app()
     assert app.clf is None  # importing the app loaded no model
@@ -78,7 +78,7 @@ def test_bad_file_gives_an_error_and_the_server_keeps_serving(client, tmp_path):
 def test_oversized_upload_is_refused_and_the_server_keeps_serving(client, tmp_path):
     from gradio_client import handle_file
 
-    from cifar_fastai.serve import MAX_FILE_BYTES
+    from cifar_fastai.data.images import MAX_FILE_BYTES
 
     huge = tmp_path / "huge.jpg"
     huge.write_bytes(b"\xff\xd8" + b"\0" * (MAX_FILE_BYTES + 1))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cifar_fastai.deploy import PARITY_ATOL, eager_logits, image_arrays, onnx_logits, ort_session, wrapped_model
+from cifar_fastai.deploy.onnx import PARITY_ATOL, eager_logits, image_arrays, onnx_logits, ort_session, wrapped_model
 from tests.conftest import REPO
 
 
@@ -55,7 +55,7 @@ def test_onnx_matches_pytorch(exported, tiny_data):
 def test_onnx_with_documented_preprocessing_agrees_with_fastai_predict(exported, tiny_data):
     """Feeding the graph as model.onnx.json says gives the same classes as `learn.predict` on the files."""
     from cifar_fastai import load_model
-    from cifar_fastai.serve import prepare_image
+    from cifar_fastai.data.images import prepare_image
 
     doc = json.loads((exported / "model.onnx.json").read_text())
     assert doc["input"]["shape"][1:] == [3, 32, 32] and "normalize" in doc["inside_the_graph"]
@@ -90,7 +90,7 @@ def test_benchmark_writes_json_for_the_three_variants(exported, tmp_path):
 
 
 def test_int8_without_onnx_or_data_says_what_to_do(tiny_run, tmp_path):
-    from cifar_fastai.deploy import DeployError, benchmark
+    from cifar_fastai.deploy.onnx import DeployError, benchmark
 
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     with pytest.raises(DeployError, match="scripts/export.py onnx"):

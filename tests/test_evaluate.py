@@ -10,9 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cifar_fastai.errors import DataError
-from cifar_fastai.evaluate import evaluate
-
-from .conftest import CLASSES, REPO
+from cifar_fastai.evaluation.evaluate import evaluate
+from tests.conftest import CLASSES, REPO
 
 
 @pytest.fixture

@@ -18,15 +18,16 @@ from torchvision.models import resnet18
 from typer.testing import CliRunner
 
 from cifar_fastai import TrainConfig, get_data
+from cifar_fastai.callbacks.finetune_report import FineTuneReport
 from cifar_fastai.cli import train_app
+from cifar_fastai.data.transforms import cifar_stats
 from cifar_fastai.errors import DataError, WeightsError
-from cifar_fastai.finetune import FineTuneReport, fine_tune, resolve_init_from
-from cifar_fastai.learner import create_learner, norm_stats
 from cifar_fastai.models.tiny import tiny
-from cifar_fastai.train import train
-from cifar_fastai.transforms import cifar_stats
-
-from .conftest import REPO, run_script
+from cifar_fastai.training.finetune import fine_tune
+from cifar_fastai.training.learner import create_learner, norm_stats
+from cifar_fastai.training.resolve import resolve_init_from
+from cifar_fastai.training.run import train
+from tests.conftest import REPO, run_script
 
 
 def learner_for(cfg: TrainConfig):
@@ -114,7 +115,7 @@ OFFLINE_CACHES = textwrap.dedent(
     import json, sys
     import torch
     from cifar_fastai import TrainConfig, get_data
-    from cifar_fastai.learner import create_learner, norm_stats
+    from cifar_fastai.training.learner import create_learner, norm_stats
     out = {}
     for arch in ("resnet18", "timm/resnet18"):
         cfg = TrainConfig(data=sys.argv[1], arch=arch, pretrained=True, bs=8)
@@ -292,7 +293,7 @@ def test_init_from_a_run_on_other_classes(tiny_data, tiny_run, tmp_path):
 
 
 def test_transfer_study_writes_a_table_of_both_arms(tiny_data, tmp_path):
-    from cifar_fastai.transfer import transfer_study
+    from cifar_fastai.studies.transfer import transfer_study
 
     study = transfer_study(
         str(tiny_data), per_class=(10,), pretrain_epochs=1, budget_images=100, max_epochs=2, bs=16, out=str(tmp_path),

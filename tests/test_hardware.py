@@ -13,13 +13,13 @@ from fastai.learner import load_learner
 from torch import serialization
 from typer.testing import CliRunner
 
-from cifar_fastai import TrainConfig, get_data, hardware
+from cifar_fastai import TrainConfig, get_data
 from cifar_fastai.cli import train_app
-from cifar_fastai.hardware import CpuMixedPrecision, HardwareError, resolve_device, resolve_precision
-from cifar_fastai.learner import create_learner
-from cifar_fastai.train import train
-
-from .conftest import run_script
+from cifar_fastai.training import hardware
+from cifar_fastai.training.hardware import CpuMixedPrecision, HardwareError, resolve_device, resolve_precision
+from cifar_fastai.training.learner import create_learner
+from cifar_fastai.training.run import train
+from tests.conftest import run_script
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda", 0), torch.device("mps")
 

@@ -116,7 +116,7 @@ def test_weights_of_another_arch_with_a_matching_hash_are_refused(run_copy):
     """Even a description re-signed after editing (hash updated) cannot load weights that do not fit its arch."""
     from safetensors.torch import load_file, save_file
 
-    from cifar_fastai.safe import sha256
+    from cifar_fastai.deploy.safe import sha256
 
     w = run_copy / "model.safetensors"
     meta = json.loads((run_copy / "model.json").read_text())
@@ -135,7 +135,7 @@ def test_missing_files_say_what_a_run_folder_holds(tmp_path):
 
 
 def test_an_old_pickle_only_run_converts_with_trust(run_copy):
-    from cifar_fastai.safe import convert_pickle
+    from cifar_fastai.deploy.safe import convert_pickle
 
     (run_copy / "model.json").unlink()
     (run_copy / "model.safetensors").unlink()

@@ -9,9 +9,10 @@ import numpy as np
 import pytest
 
 from cifar_fastai import TrainConfig
-from cifar_fastai.data import index_images, resolve_data, split_indices
+from cifar_fastai.data.index import index_images, split_indices
+from cifar_fastai.data.sources import resolve_data
 from cifar_fastai.errors import CifarFastaiError
-from cifar_fastai.sweep import parse_param, plan, sweep
+from cifar_fastai.studies.sweep import parse_param, plan, sweep
 
 
 def test_folds_partition_the_training_images_and_never_touch_test(tiny_data):
@@ -65,3 +66,18 @@ def test_search_space_parsing_and_rejections(tiny_data):
             plan([parse_param(spec)])
     with pytest.raises(CifarFastaiError, match="test set"):
         sweep(TrainConfig(data=str(tiny_data), valid="test"), ["lr=1e-3"], verbose=False)
+
+
+def test_sweep_trials_train_the_recipe_and_keep_no_checkpoints(tiny_data, tmp_path):
+    # --recipe fast: every trial trains the recipe's net and optimizer, with only the searched option changed
+    base = TrainConfig(data=str(tiny_data), recipe="fast", epochs=1, out=str(tmp_path), name="sw")
+    res = sweep(base, ["lr=0.05,0.1"], verbose=False, explicit={"data", "recipe", "epochs", "out", "name"})
+    trial_dirs = sorted((res.sweep_dir / "trials").iterdir())
+    assert len(trial_dirs) == 2
+    for trial in trial_dirs:
+        cfg = TrainConfig.from_json(trial / "config.json")
+        assert (cfg.arch, cfg.optimizer, cfg.schedule, cfg.label_smoothing) == ("airbench_resnet", "muon", "linear", 0.2)
+        assert cfg.lr in (0.05, 0.1) and cfg.epochs == 1
+        assert not (trial / "checkpoints").exists(), "no checkpoints unless --checkpoint is given"
+    best = shlex.split((res.sweep_dir / "best_command.txt").read_text())
+    assert best[best.index("--recipe") + 1] == "fast", "the best command trains what the trials trained"

@@ -18,13 +18,12 @@ from fastai.losses import CrossEntropyLossFlat, LabelSmoothingCrossEntropyFlat
 from torch import nn
 
 from cifar_fastai import TrainConfig, get_data
+from cifar_fastai.callbacks.regularize import RandomErase, regularization_callbacks
+from cifar_fastai.data.transforms import random_erase
 from cifar_fastai.errors import ConfigError
-from cifar_fastai.learner import create_learner, norm_stats
-from cifar_fastai.regularize import RandomErase, regularization_callbacks
-from cifar_fastai.train import train
-from cifar_fastai.transforms import random_erase
-
-from .conftest import REPO, run_script
+from cifar_fastai.training.learner import create_learner, norm_stats
+from cifar_fastai.training.run import train
+from tests.conftest import REPO, run_script
 
 TINY = {"arch": "tiny", "bs": 16, "lr": 1e-2, "threads": 1}
 
@@ -135,9 +134,9 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tiny_data, tmp_pa
 
 
 def test_early_stopping_after_resume_keeps_the_best_epoch_from_before_the_interruption(tiny_data, tmp_path, monkeypatch):
+    import cifar_fastai.training.run as train_module
     from safetensors.torch import load_file
 
-    import cifar_fastai.train as train_module
     from cifar_fastai.errors import TrainingError
 
     class InterruptAtPerfect(Callback):  # Ctrl-C right after the first epoch with perfect validation accuracy

@@ -10,11 +10,10 @@ import torch
 from torchvision.models import resnet18
 
 from cifar_fastai import TrainConfig, get_data
-from cifar_fastai.learner import create_learner, get_learner, norm_stats
-from cifar_fastai.train import lr_find
-from cifar_fastai.transforms import cifar_stats, imagenet_stats
-
-from .conftest import run_script
+from cifar_fastai.data.transforms import cifar_stats, imagenet_stats
+from cifar_fastai.training.learner import create_learner, norm_stats
+from cifar_fastai.training.run import get_learner, lr_find
+from tests.conftest import run_script
 
 
 def test_training_beats_chance_and_writes_run_folder(tiny_run):
@@ -98,9 +97,8 @@ def test_lr_find_saves_plot_and_suggestions(tiny_data, tmp_path):
 
 def test_lr_find_probes_as_the_run_trains(tiny_data, tmp_path, monkeypatch):
     """Under the run's precision and layout, and with --progressive at the start size, where the peak rate is used."""
+    import cifar_fastai.training.run as train_module
     from fastai.callback.core import Callback
-
-    import cifar_fastai.train as train_module
 
     seen = set()
 

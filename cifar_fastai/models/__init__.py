@@ -1,3 +1,6 @@
-"""The project's own architectures; importing this package registers them in `cifar_fastai.archs`."""
+"""Architectures: the registry and the project's own models, which register themselves when imported here."""
 
-from . import cifar_resnet, tiny  # noqa: F401
+from . import cifar_resnet, tiny  # noqa: F401  (registration on import)
+from ._registry import TIMM_PREFIX, Arch, get_arch, list_archs, register_arch, register_cifar_model
+
+__all__ = ["TIMM_PREFIX", "Arch", "get_arch", "list_archs", "register_arch", "register_cifar_model"]

@@ -10,7 +10,7 @@ from fastcore.foundation import L
 from torch import nn
 from torch.nn import functional as F
 
-from ..archs import register_cifar_model
+from ._registry import register_cifar_model
 from .tiny import classifier_head, conv_bn
 
 
@@ -195,6 +195,8 @@ def _cifar_resnet(block: type, layers: list[int]):
 
 
 _DESCRIBE = "ResNet-{d} with a CIFAR stem (3x3 stride 1, no max-pool), {b}, option-B shortcuts"
+
+
 for _depth, _block, _layers in (
     (18, BasicBlock, [2, 2, 2, 2]),
     (34, BasicBlock, [3, 4, 6, 3]),
@@ -217,6 +219,8 @@ def _he_resnet(n: int):
 
 
 _HE_PARAMS = {20: "0.27M", 32: "0.46M", 44: "0.66M", 56: "0.85M", 110: "1.7M"}  # He et al. 2015, table 6
+
+
 for _depth, _p in _HE_PARAMS.items():
     _build = _he_resnet((_depth - 2) // 6)
     _build.__name__ = _build.__qualname__ = f"resnet{_depth}"
@@ -244,7 +248,7 @@ def resnet9(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -> nn.Seq
     return init_weights(nn.Sequential(body, head))
 
 
-# ---- A residual net shaped like the CIFAR-10 speed record's (the fast CPU recipes of issue 10)
+# ---- A residual net shaped like the CIFAR-10 speed record's (the fast CPU recipes)
 class ConvGroup(nn.Module):
     """conv - max-pool - BN - GELU, then a residual conv-BN-GELU branch.
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..archs import register_cifar_model
+from ._registry import register_cifar_model
 
 
 def conv_bn(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:

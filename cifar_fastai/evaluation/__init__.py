@@ -1,0 +1,2 @@
+"""Evaluation: the test report and TTA (`report`), evaluating a finished run (`evaluate`), attacks and robust accuracy
+(`attacks`)."""

@@ -1,0 +1,182 @@
+"""`--time-budget`: finish a whole run (imports to export) within a wall-clock budget by training fewer epochs.
+
+The named recipes target minutes of wall time on shared hosts whose speed drifts from hour to hour, so a fixed
+epoch count overruns on slow hours. With a budget, `--epochs` is
+the most the run trains: after every epoch the callback measures what an epoch costs on this host now and, if the
+planned epochs would not end in time, lowers fastai's `n_epoch` (and raises it again, up to `--epochs`, when
+a later epoch shows the cut was for a slow one). fastai's schedules read `n_epoch` at the start of
+every epoch (`TrainEvalCallback.before_train` sets `pct_train = epoch / n_epoch`), so the linear or one-cycle rate
+still ends at its final value, and progressive resizing still ends at full size, in the shorter run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from fastai.callback.core import Callback, CancelFitException
+
+from . import distributed
+from .recipes import progressive_size
+
+EXPORT_S = 5.0  # confusion matrix, export.pkl and the safetensors twin: about 2 s here; a margin on top
+
+
+def process_start() -> float:
+    """`time.perf_counter()` at this process's start (the wall time a user waits includes the imports)."""
+    try:
+        import psutil  # installed with accelerate (a dependency)
+    except ImportError:  # the budget then counts from train(), a few seconds after the imports
+        return time.perf_counter()
+    try:
+        return time.perf_counter() - (time.time() - psutil.Process().create_time())
+    except (OSError, psutil.Error):  # no access to the process table
+        return time.perf_counter()
+
+
+EpochCost = Callable[[int], float]  # training seconds of one epoch at a size
+
+
+def epoch_cost(measured: dict[int, float], size: int) -> tuple[EpochCost, bool]:
+    """The training seconds of an epoch at any size, anchored at the epoch just measured at `size` (the host's speed
+    now); `measured`: the latest epoch's seconds at each size trained so far. With a second size measured, the cost
+    grows from the anchor along the line in size**2 through both (part of an epoch does not grow with the image: a
+    32 px epoch of the `fast` recipe took 2.1x a 20 px one, not (32/20)**2 = 2.56x, and the line through 20 and 24 px
+    predicted 28 and 32 px within 4%); with one size only, quadratically (the known high side). Returns the cost
+    and whether it is the quadratic fallback."""
+    t = measured[size]
+    slope = t / size**2
+    quadratic = True
+    others = [s for s in measured if s != size]
+    if others:
+        near = min(others, key=lambda s: abs(s - size))
+        fitted = (t - measured[near]) / (size**2 - near**2)
+        if fitted > 0:  # not a host that sped up between the two sizes
+            slope, quadratic = fitted, False
+    return (lambda s: max(0.0, t + slope * (s * s - size * size))), quadratic
+
+
+def finish_s(
+    elapsed_s: float, epoch: int, n: int, cost: float | EpochCost, valid_s: float, reserve_s: float, size: int,
+    progressive: int = 0, shares: tuple[float, ...] = (),
+) -> float:  # fmt: skip
+    """When a run of `n` epochs would end: `epoch` epochs are done, each further epoch at size s costs `cost(s)`
+    seconds of training (a number: `cost * s**2`) plus `valid_s`, and the test pass and export `reserve_s` at the
+    end."""
+    sizes = [progressive_size(e, n, progressive, size, shares=shares) for e in range(epoch, n)]
+    cost_at = cost if callable(cost) else (lambda s: cost * s * s)
+    return elapsed_s + sum(cost_at(s) + valid_s for s in sizes) + reserve_s
+
+
+def plan_epochs(
+    budget_s: float, elapsed_s: float, epoch: int, n_epoch: int, cost: float | EpochCost, valid_s: float,
+    reserve_s: float, size: int, progressive: int = 0, tolerance: float = 0.0, shares: tuple[float, ...] = (),
+) -> int:  # fmt: skip
+    """The most epochs (<= `n_epoch`) whose remaining ones fit (`finish_s`). Never fewer than `epoch` (those are done);
+    `epoch` means: stop now. `tolerance`: the share of the time left by which the estimate may run high (one known
+    to overestimate): a plan over the budget by less still counts as fitting, and later epochs, measured again, can
+    still drop epochs."""
+    for n in range(n_epoch, epoch, -1):
+        end = finish_s(elapsed_s, epoch, n, cost, valid_s, reserve_s, size, progressive, shares)
+        if end - budget_s <= tolerance * (end - elapsed_s):
+            return n
+    return epoch
+
+
+# Until a second size has been measured, the cost of an epoch at a larger size is scaled up from the one measured,
+# quadratically, and that runs high here: in the full-width `airbench_resnet` runs (bf16, bs 250) a 32 px epoch took
+# 2.1-2.5x a 20 px one rather than (32/20)^2 = 2.56x, and the first epochs, which still train the whitening bias
+# (recipes.WhitenInit), take up to ~10% longer. An overrun estimated at under SCALED_TOLERANCE of the time left is left
+# to the later, better measured epochs; so is one under FITTED_TOLERANCE once two sizes give the line `epoch_cost`
+# extrapolates along, until the full size is measured (the full-size stage alone is a quarter of a progressive
+# run's epochs). A cut early in a run changes the rate schedule of every epoch after it (fastai's schedule reads
+# n_epoch), even when a later plan takes it back.
+SCALED_TOLERANCE = 0.25
+
+
+FITTED_TOLERANCE = 0.05
+
+
+# The first epoch warms up (and, in the recipes, whitens the stem before it): in the `fast` runs of
+# bench/time_to_accuracy.py it took 6-17% longer than the second (history.csv), and a busy host can add more. Its plan
+# cuts only an overrun beyond this share of the time left: a cut after it, even one taken back after the second epoch,
+# changes the second epoch's rates (fastai's schedule reads n_epoch), so the same seed would train differently
+# depending on how fast the host was in the first epoch.
+FIRST_EPOCH_TOLERANCE = 0.25
+
+
+class TimeBudget(Callback):
+    """Set `n_epoch` after each epoch so that the run ends within `budget_s` seconds of `start` (a
+    `time.perf_counter()` value); the test pass (`test_passes` times the validation pass, scaled to `n_test` images:
+    6 with TTA) and the export are reserved for at the end. The cost of an epoch is anchored at the last one measured
+    (`epoch_cost`), so a host that slows down mid-run is seen at the next epoch (`SCALED_TOLERANCE`,
+    `FITTED_TOLERANCE`: how much an estimate from smaller sizes may be over before it counts)."""
+
+    order = -20  # before TrainEvalCallback: the cancelled epoch starts nothing (no flip phase, no history row)
+
+    def __init__(
+        self, budget_s: float, start: float, size: int, progressive: int = 0, n_valid: int = 1, n_test: int = 0,
+        test_passes: int = 1, shares: tuple[float, ...] = (),
+    ):  # fmt: skip
+        self.budget_s, self.start, self.size, self.progressive, self.shares = budget_s, start, size, progressive, shares
+        self.test_scale = test_passes * n_test / max(n_valid, 1)
+        self.planned = self.epochs_run = None
+        self.reason = ""
+
+    def before_fit(self):
+        self.planned, self.n_planned, self.measured = self.n_epoch, 0, {}
+
+    def before_epoch(self):
+        if self.epoch >= self.n_epoch:  # lowered after the previous epoch: the run ends here
+            raise CancelFitException
+        self.t_train = self.t_valid = None
+
+    def before_train(self):
+        self._t0 = time.perf_counter()
+
+    def after_train(self):
+        self.t_train = time.perf_counter() - self._t0
+
+    def before_validate(self):
+        self._t1 = time.perf_counter()
+
+    def after_validate(self):
+        self.t_valid = time.perf_counter() - self._t1
+
+    def after_epoch(self):
+        self.epochs_run = done = self.epoch + 1
+        if self.t_train is None:  # an epoch skipped on --resume: nothing was measured
+            return
+        n = distributed.broadcast_object(self.plan(done))  # every rank stops after the same epoch (rank 0's clock)
+        if n != self.n_epoch:  # fewer; or more again (up to --epochs) when an earlier cut was for a slow epoch
+            if distributed.is_main():
+                print(self.reason, flush=True)
+            self.learn.n_epoch = n
+
+    def plan(self, done: int) -> int:
+        """The epochs that fit, from this epoch's measured cost (`plan_epochs`), up to the planned `--epochs` every
+        time: a cut made after one slow epoch is taken back when the next ones run at speed (fastai re-reads
+        `n_epoch` each epoch, so the rate schedule follows either way). The first epoch this process measures (the
+        first of the run, or the first after a --resume) warms up: `FIRST_EPOCH_TOLERANCE`."""
+        size = progressive_size(self.epoch, self.n_epoch, self.progressive, self.size, shares=self.shares)
+        valid_s = self.t_valid or 0.0
+        reserve = valid_s * self.test_scale + EXPORT_S
+        self.measured[size] = self.t_train
+        cost, quadratic = epoch_cost(self.measured, size)
+        full_measured = max(self.measured) >= self.size
+        tolerance = 0.0 if full_measured else SCALED_TOLERANCE if quadratic else FITTED_TOLERANCE
+        self.n_planned += 1
+        if self.n_planned == 1:
+            tolerance = max(tolerance, FIRST_EPOCH_TOLERANCE)
+        n = plan_epochs(
+            self.budget_s, time.perf_counter() - self.start, done, self.planned, cost, valid_s, reserve, self.size,
+            self.progressive, tolerance, shares=self.shares,
+        )  # fmt: skip
+        self.reason = (
+            f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit (epoch {done} took "
+            f"{self.t_train:.0f} s at {size} px + {valid_s:.0f} s validation; {reserve:.0f} s kept for test and export)"
+        )
+        return n
+
+    def summary(self) -> dict:
+        return {"budget_s": self.budget_s, "epochs_planned": self.planned, "epochs_run": self.epochs_run}

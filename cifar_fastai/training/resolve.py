@@ -1,0 +1,95 @@
+"""Resolve what the user asked for into the settings a run uses: recipe, --resume, --init-from, arch, input stats.
+
+Every entry point (train, lr_find, sweep, compare, the transfer study, the benchmarks) calls `resolve` once and
+passes the result on, so the same settings train the same way wherever they come from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..callbacks.checkpoint import LAST, checkpoint_dir, load_checkpoint, trim_history
+from ..config import DEFAULTS, TrainConfig
+from ..errors import ConfigError, WeightsError
+from ..models import Arch, get_arch
+from .learner import norm_stats
+from .recipes import apply_recipe
+from .weights import run_weights
+
+
+def resolve_init_from(cfg: TrainConfig) -> TrainConfig:
+    """`--init-from RUN` (or `--weights RUN`) -> that run's arch and width, with `weights` set to its weights file."""
+    if cfg.weights and Path(cfg.weights).expanduser().is_dir():
+        if cfg.init_from:
+            raise WeightsError("pass either --init-from RUN or --weights, not both")
+        cfg = cfg.replace(init_from=cfg.weights, weights=None)
+    if not cfg.init_from:
+        return cfg
+    run = Path(cfg.init_from).expanduser()
+    if not (run / "config.json").is_file():
+        raise WeightsError(f"--init-from {run}: not a run folder (no config.json); expected runs/<name>")
+    if cfg.weights or cfg.pretrained:
+        raise WeightsError("--init-from already says where the weights come from: drop --weights/--pretrained")
+    src = TrainConfig.from_json(run / "config.json")
+    if cfg.arch not in (src.arch, DEFAULTS.arch):
+        raise WeightsError(f"--arch {cfg.arch} conflicts with --init-from {run}, a {src.arch} run: drop --arch")
+    return cfg.replace(arch=src.arch, width=src.width, weights=str(run_weights(run)))
+
+
+def resume_run(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
+    """The saved config of `cfg.resume` (other options are ignored) and its run folder, ready to continue.
+
+    Refuses runs with no checkpoint, finished runs and fine-tuning runs (two fits: `fine_tune` would need the phase
+    and position in both; only the from-scratch `fit_one_cycle` path is resumable).
+    """
+    run_dir = Path(cfg.resume).expanduser()
+    last = checkpoint_dir(run_dir) / LAST
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run folder (no config.json)")
+    if not last.is_file():
+        raise ConfigError(
+            f"--resume {run_dir}: no checkpoint ({last} is missing): the run stopped before its first epoch ended "
+            "or ran with --no-checkpoint; start it again"
+        )
+    saved = TrainConfig.from_json(run_dir / "config.json")
+    if saved.fine_tuning:
+        raise ConfigError(f"--resume {run_dir}: resuming fine-tuning runs is not supported (only from-scratch runs)")
+    meta = load_checkpoint(last)["meta"]
+    if meta["epochs_done"] >= saved.epochs:
+        raise ConfigError(f"--resume {run_dir}: all {saved.epochs} epochs are already done; nothing to resume")
+    if (run_dir / "metrics.json").is_file():  # --time-budget or early stopping ended it before --epochs
+        raise ConfigError(
+            f"--resume {run_dir}: the run finished after {meta['epochs_done']} epochs (metrics.json); nothing to resume"
+        )
+    given = {k: v for k, v in cfg.to_dict().items() if k != "resume" and v != getattr(DEFAULTS, k)}
+    ignored = [f"--{k.replace('_', '-')}" for k in given]
+    if ignored:
+        print(f"note: --resume uses the run's saved config; ignoring {' '.join(ignored)}")
+    trim_history(run_dir / "history.csv", meta["epochs_done"])
+    return saved.replace(resume=str(run_dir), name=run_dir.name, out=str(run_dir.parent)), run_dir
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The settings a run uses, and what follows from them, computed once."""
+
+    cfg: TrainConfig  # recipe applied; --init-from's arch, width and weights file; a resumed run's saved config
+    arch: Arch
+    stats: tuple[list[float], list[float]]  # input normalization: CIFAR's from scratch, the source model's otherwise
+    resume_dir: Path | None = None  # the run folder --resume continues in
+
+
+def resolve(cfg: TrainConfig | Resolved, explicit: Collection[str] = ()) -> Resolved:
+    """`cfg` as a run will use it. `explicit`: the option names the user gave (the CLI knows them), which a recipe
+    leaves alone; without it an option still at its default counts as not given. A `Resolved` is returned as it is."""
+    if isinstance(cfg, Resolved):
+        return cfg
+    resume_dir = None
+    if cfg.resume:
+        cfg, resume_dir = resume_run(cfg)  # the saved config was resolved when the run started
+    else:
+        cfg = resolve_init_from(apply_recipe(cfg, explicit))
+    arch = get_arch(cfg.arch)
+    return Resolved(cfg, arch, norm_stats(cfg, arch), resume_dir)
