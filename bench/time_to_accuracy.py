@@ -37,7 +37,7 @@ BASELINE = "record"  # the CIFAR-10 speed record's own settings (recipes.py); th
 ANCHORS = {"resnet18_bare_step_images_per_s": 1200.0, "docs_recipe_images_per_s": 320.0}  # issue 10's host
 
 
-def host_speed() -> dict:
+def host_speed(scale: float = 1.0) -> dict:
     """The host's speed now, in the units of the issue's anchors (a few seconds of work; nothing else should run).
     The docs recipe reads the shipped sample (2,000 training + 500 test images), the same files on every host."""
     if str(REPO / "bench") not in sys.path:  # once, though it is called around every run
@@ -46,8 +46,9 @@ def host_speed() -> dict:
 
     from cifar_fastai.data.sources import resolve_data
 
-    bare = bare_step("resnet18", 256, steps=8, channels_last=True, bf16=False)["images_per_s"]
-    docs = docs_recipe(resolve_data("sample"), per_class=200)["epoch_images_per_s"]
+    # scale < 1: a smaller probe (smoke runs and tests on slow hosts); its rates are then rougher
+    bare = bare_step("resnet18", 256, steps=max(1, round(8 * scale)), channels_last=True, bf16=False)["images_per_s"]
+    docs = docs_recipe(resolve_data("sample"), per_class=max(10, round(200 * scale)))["epoch_images_per_s"]
     return {"resnet18_bare_step_images_per_s": bare, "docs_recipe_images_per_s": docs}
 
 
@@ -56,10 +57,10 @@ def mean_speed(before: dict, after: dict) -> dict:
     return {**speed, **{f"{k}_vs_issue": speed[k] / v for k, v in ANCHORS.items()}, "before": before, "after": after}
 
 
-def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str], measure_host: bool = True) -> dict:
+def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str], measure_host: bool = True, scale: float = 1.0) -> dict:
     run_dir = runs / f"{recipe}-seed{seed}"
     if not (run_dir / "metrics.json").exists():
-        before = host_speed() if measure_host else None
+        before = host_speed(scale) if measure_host else None
         cmd = [sys.executable, str(REPO / "scripts/train.py"), "--recipe", recipe, "--seed", str(seed), "--data", data]
         cmd += ["--out", str(runs), "--name", run_dir.name, *extra]
         if run_dir.exists():  # an interrupted run: its checkpoint continues it (same config)
@@ -69,7 +70,7 @@ def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str], mea
         subprocess.run(cmd, check=True, cwd=REPO)
         (run_dir / "process_wall.json").write_text(json.dumps({"process_wall_s": time.perf_counter() - t0}))
         if measure_host:
-            (run_dir / "host_speed.json").write_text(json.dumps(mean_speed(before, host_speed()), indent=2))
+            (run_dir / "host_speed.json").write_text(json.dumps(mean_speed(before, host_speed(scale)), indent=2))
     m = json.loads((run_dir / "metrics.json").read_text())
     wall_file = run_dir / "process_wall.json"
     process_wall = json.loads(wall_file.read_text())["process_wall_s"] if wall_file.exists() else m["wall_seconds"]
@@ -156,6 +157,7 @@ def main(
     train_per_class: int | None = typer.Option(None, help="override: training images per class (smoke runs)"),
     out: Annotated[Path, typer.Option(help="JSON result; the plot is written beside it")] = DEFAULT_OUT,
     host_speed: Annotated[bool, typer.Option(help="measure the host against the issue's anchors around each run")] = True,
+    probe_scale: Annotated[float, typer.Option(min=0.01, max=1.0, help="fraction of the full host-speed probe's work")] = 1.0,
 ) -> None:
     extra = [*(["--epochs", str(epochs)] if epochs else []), *(["--train-per-class", str(train_per_class)] if train_per_class else [])]
     runs_dir = out.parent / "tta_runs"
@@ -164,7 +166,7 @@ def main(
     if runs:
         plan = [(r, int(x)) for spec in runs for r, _, xs in [spec.partition(":")] for x in (xs or "0").split(",")]
     for recipe, seed in plan:
-        results.append(run_one(recipe, seed, data, runs_dir, extra, host_speed))
+        results.append(run_one(recipe, seed, data, runs_dir, extra, host_speed, probe_scale))
         out.parent.mkdir(parents=True, exist_ok=True)  # after every run: a stopped bench keeps what it has
         summary = summarize(results)
         command = "python bench/time_to_accuracy.py " + " ".join(sys.argv[1:])

@@ -134,9 +134,9 @@ def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tiny_data, tmp_pa
 
 
 def test_early_stopping_after_resume_keeps_the_best_epoch_from_before_the_interruption(tiny_data, tmp_path, monkeypatch):
-    import cifar_fastai.training.run as train_module
     from safetensors.torch import load_file
 
+    import cifar_fastai.training.run as train_module
     from cifar_fastai.errors import TrainingError
 
     class InterruptAtPerfect(Callback):  # Ctrl-C right after the first epoch with perfect validation accuracy

@@ -97,8 +97,9 @@ def test_lr_find_saves_plot_and_suggestions(tiny_data, tmp_path):
 
 def test_lr_find_probes_as_the_run_trains(tiny_data, tmp_path, monkeypatch):
     """Under the run's precision and layout, and with --progressive at the start size, where the peak rate is used."""
-    import cifar_fastai.training.run as train_module
     from fastai.callback.core import Callback
+
+    import cifar_fastai.training.run as train_module
 
     seen = set()
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 from fastai.vision.core import PILImage
 from PIL import Image, ImageOps
+from torch import Tensor
 
 from ..errors import ImageInputError
 from .index import NATIVE_SIZE
@@ -107,8 +108,9 @@ class CifarImage(PILImage):
     so `learn.predict(path)`, `dls.test_dl(files)` and the demo see the same 32x32 RGB image, and an unreadable
     input raises `ImageInputError` naming it. Arrays and tensors are taken as they are (fastai's own path)."""
 
+    # the annotation is PILImage.create's: fastai's test_dl (and so learn.predict) accepts the types it names
     @classmethod
-    def create(cls, fn, **kwargs):
+    def create(cls, fn: Path | str | Tensor | np.ndarray | bytes | Image.Image, **kwargs):
         if isinstance(fn, (str, Path, bytes, Image.Image)):
             return cls(prepare_image(fn))
         return super().create(fn, **kwargs)

@@ -92,9 +92,13 @@ def build_demo(clf: Classifier, examples: list[Path] | None = None):
             image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="input-image", height=320)
             label = gr.Label(num_top_classes=TOP_K, label="prediction", elem_id="prediction")
         # preprocess=False: our own decoder sees the raw upload, so a bad file gets our message, not a traceback
-        image.change(classify, image, label, api_name="predict", preprocess=False)
+        # `input`, not `change`: change also fires when the page itself sets the value, so replacing a shown image
+        # ran the model twice (and showed an error twice); examples run the model on click instead
+        predicted = image.input(classify, image, label, api_name="predict", preprocess=False)
+        predicted.failure(lambda: None, None, label, api_name=False)  # no earlier prediction beside an error
         if examples:
-            gr.Examples([[str(p)] for p in examples], inputs=image, label="CIFAR-10 test images")
+            gr.Examples([[str(p)] for p in examples], inputs=image, outputs=label, fn=classify, run_on_click=True,
+                        preprocess=False, label="CIFAR-10 test images", api_name=False)  # fmt: skip
     return demo
 
 
