@@ -10,9 +10,9 @@ metrics.json are reused, so a stopped benchmark resumes. Writes bench/out/time_t
 recipe mean and spread of test accuracy and wall time, against the targets of the issue) and a PNG plot.
 
 This shared host's speed drifts by 20% and more from hour to hour, and the targets are wall times, so right before
-and after each run the benchmark also measures the host against the issue's two anchors (`host_speed`): the bare
+and after each run the benchmark also measures the host against two reference speeds (`host_speed`): the bare
 training step of resnet18 (fp32, bs 256, channels_last; issue: about 1,200 images/s) and the fastai-docs recipe
-(issue: about 320 images/s; on the shipped sample), both from bench/train_speed.py.
+(about 320 images/s on the reference host; on the shipped sample), both from bench/train_speed.py.
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ import typer
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench/out/time_to_accuracy.json"
-TARGETS = {"fast": (0.91, 600.0), "long": (0.93, 1800.0)}  # issue 10: test accuracy within wall seconds
+TARGETS = {"fast": (0.91, 600.0), "long": (0.93, 1800.0)}  # the recipes' goals: test accuracy within wall seconds
 BASELINE = "record"  # the CIFAR-10 speed record's own settings (recipes.py); the issue asks both recipes to beat it
 
 
-ANCHORS = {"resnet18_bare_step_images_per_s": 1200.0, "docs_recipe_images_per_s": 320.0}  # issue 10's host
+ANCHORS = {"resnet18_bare_step_images_per_s": 1200.0, "docs_recipe_images_per_s": 320.0}  # the reference host's speed (docs/speed.md)
 
 
 def host_speed(scale: float = 1.0) -> dict:
-    """The host's speed now, in the units of the issue's anchors (a few seconds of work; nothing else should run).
+    """The host's speed now, against the reference speeds (a few seconds of work; nothing else should run).
     The docs recipe reads the shipped sample (2,000 training + 500 test images), the same files on every host."""
     if str(REPO / "bench") not in sys.path:  # once, though it is called around every run
         sys.path.insert(0, str(REPO / "bench"))
@@ -156,7 +156,7 @@ def main(
     epochs: int | None = typer.Option(None, help="override the recipes' epochs (smoke runs)"),
     train_per_class: int | None = typer.Option(None, help="override: training images per class (smoke runs)"),
     out: Annotated[Path, typer.Option(help="JSON result; the plot is written beside it")] = DEFAULT_OUT,
-    host_speed: Annotated[bool, typer.Option(help="measure the host against the issue's anchors around each run")] = True,
+    host_speed: Annotated[bool, typer.Option(help="measure the host against the reference speeds around each run")] = True,
     probe_scale: Annotated[float, typer.Option(min=0.01, max=1.0, help="fraction of the full host-speed probe's work")] = 1.0,
 ) -> None:
     extra = [*(["--epochs", str(epochs)] if epochs else []), *(["--train-per-class", str(train_per_class)] if train_per_class else [])]

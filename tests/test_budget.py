@@ -1,4 +1,4 @@
-"""Issue 10: `--time-budget` trains fewer epochs when the planned ones would not end in time (behaviour, not timings)."""
+"""`--time-budget` trains fewer epochs when the planned ones would not end in time (behaviour, not timings)."""
 
 from __future__ import annotations
 

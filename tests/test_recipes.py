@@ -1,4 +1,4 @@
-"""Issue 10: the named fast recipes, the whitening stem, and the time-to-accuracy benchmark (behaviour, not timings)."""
+"""The named fast recipes, the whitening stem, and the time-to-accuracy benchmark (behaviour, not timings)."""
 
 from __future__ import annotations
 
@@ -82,7 +82,7 @@ def test_each_recipe_runs_end_to_end_on_tiny_data(recipe, tiny_data, tmp_path):
     if recipe in ("fast", "long"):  # the baseline and the sample's first model have no full-data target
         assert result["summary"][recipe]["target"]["test_accuracy"] in (0.91, 0.93)
     assert out.with_suffix(".png").stat().st_size > 0
-    if measure_host:  # the host measured against the issue's anchors, before and after the run
+    if measure_host:  # the host measured against the reference speeds, before and after the run
         speed = run["host_speed"]
         assert speed["before"].keys() == speed["after"].keys() == {"resnet18_bare_step_images_per_s", "docs_recipe_images_per_s"}
         assert speed["resnet18_bare_step_images_per_s_vs_issue"] > 0 and speed["docs_recipe_images_per_s"] > 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,12 +13,14 @@ from fastai.data.core import DataLoaders
 from fastai.data.transforms import IndexSplitter, parent_label
 from fastai.vision.augment import Resize
 from fastai.vision.data import ImageBlock
+from PIL import Image
 
 from ..config import TrainConfig
 from ..errors import ConfigError, DataError
+from .images import CifarImage
 from .index import NATIVE_SIZE, index_images, keep_classes, split_indices
 from .sources import resolve_data
-from .tensor_loader import TensorDL, TensorImageSet
+from .tensor_loader import TensorDataLoaders, TensorDL, TensorImageSet
 from .transforms import batch_tfms_for, cifar_stats
 
 
@@ -83,7 +86,7 @@ def _tensor_dls(index, train, valid, test, cfg, stats):
     workers = cfg.workers if cfg.workers is not None else default_workers("tensor", cfg)
 
     def dl(idx, split_idx, train_mode):
-        ds = TensorImageSet(images, labels, idx, index.vocab, split_idx)
+        ds = TensorImageSet(images, labels, idx, index.vocab, split_idx, index.files)
         alternate = cfg.alt_flip and train_mode  # the loader mirrors, PadCropFlip only crops
         return TensorDL(
             ds,
@@ -95,14 +98,15 @@ def _tensor_dls(index, train, valid, test, cfg, stats):
             num_workers=workers,
         )
 
-    dls = DataLoaders(dl(train, 0, True), dl(valid, 1, False))
+    dls = TensorDataLoaders(dl(train, 0, True), dl(valid, 1, False))  # its test_dl takes files, as a DataBlock's
     return dls, dl(test, 1, False)
 
 
 def datablock(vocab: list[str], valid_idx, size: int, stats, pad: int = 4) -> DataBlock:
-    """The general fastai path: any folder of images, resized to 32 px per item, then the same batch transforms."""
+    """The general fastai path: any folder of images, each prepared as the demo prepares an upload (`CifarImage`:
+    RGB, centre square, 32 px), then the same batch transforms."""
     return DataBlock(
-        blocks=(ImageBlock, CategoryBlock(vocab=vocab)),
+        blocks=(ImageBlock(cls=CifarImage), CategoryBlock(vocab=vocab)),
         get_y=parent_label,
         splitter=IndexSplitter(valid_idx),
         item_tfms=Resize(NATIVE_SIZE),
@@ -124,3 +128,13 @@ def _datablock_dls(index, train, valid, test, cfg, stats):
 def inference_dls(vocab: list[str], size: int, stats, example: Path) -> DataLoaders:
     """DataBlock DataLoaders carrying only the inference pipeline: what `export.pkl` ships for `learn.predict(path)`."""
     return datablock(vocab, [], size, stats).dataloaders([example, example], bs=2, num_workers=0)
+
+
+def blank_inference_dls(vocab: list[str], size: int, stats) -> DataLoaders:
+    """`inference_dls` without a data set: the DataBlock reads one item while it sets itself up, and a blank image in
+    a folder named after the first class does (nothing reads it again); for `TensorDataLoaders.test_dl`."""
+    with tempfile.TemporaryDirectory(prefix="cifar_fastai_inference_") as tmp:
+        example = Path(tmp) / str(vocab[0]) / "blank.png"
+        example.parent.mkdir()
+        Image.new("RGB", (NATIVE_SIZE, NATIVE_SIZE)).save(example)
+        return inference_dls(list(vocab), size, stats, example)

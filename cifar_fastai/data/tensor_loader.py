@@ -3,26 +3,61 @@
 from __future__ import annotations
 
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.data.core import TfmdDL
+from fastai.data.core import DataLoaders, TfmdDL
+from fastai.data.transforms import Category, CategoryMap
 from fastai.torch_core import TensorCategory, TensorImage
+from fastcore.foundation import L
 
 
 class TensorImageSet:
-    """The dataset of a `TensorDL`: positions into a shared image tensor, plus the fastai attributes it needs."""
+    """The dataset of a `TensorDL`: positions into a shared image tensor, plus the fastai attributes it needs.
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor, idx: np.ndarray, vocab: list[str], split_idx: int):
+    `files` (optional): the file of each position of the tensor, so `items` names the files as a DataBlock's do."""
+
+    def __init__(
+        self,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        idx: np.ndarray,
+        vocab: list[str],
+        split_idx: int,
+        files: list[Path] | None = None,
+    ):
         self.images, self.labels = images, labels
         self.idx = torch.as_tensor(np.asarray(idx, dtype=np.int64))
-        self.vocab, self.split_idx = vocab, split_idx
+        self.vocab, self.split_idx, self.files = vocab, split_idx, files
 
     def __len__(self) -> int:
         return len(self.idx)
 
     def __getitem__(self, i: int) -> int:
         return i
+
+    @property
+    def items(self) -> L:
+        """The set's items as fastai's `Interpretation` reads them back through `dls.test_dl(items, with_labels=True)`
+        (`plot_top_losses`, `top_losses(items=True)`): the image files when known, else positions into the tensor."""
+        pos = self.idx.tolist()
+        return L(pos) if self.files is None else L(self.files[i] for i in pos)
+
+    def at(self, positions, split_idx: int = 1) -> TensorImageSet:
+        """The same tensor, other positions into it (`TensorDataLoaders.test_dl` of positions)."""
+        return TensorImageSet(self.images, self.labels, np.asarray(positions), self.vocab, split_idx, self.files)
+
+    def new_empty(self) -> TensorImageSet:
+        """No images, same classes: what `learn.export()` keeps of the data (fastai's `Datasets.new_empty`)."""
+        return TensorImageSet(self.images[:0].clone(), self.labels[:0].clone(), np.zeros(0), self.vocab, self.split_idx)
+
+    def decode(self, o: tuple, full: bool = True) -> tuple:
+        """A decoded sample -> (image, label), as a DataBlock's `Datasets.decode`: fastai's batch pipeline has already
+        undone `Normalize` and `IntToFloatTensor` (an un-normalized RGB `TensorImage`, 0-255, CHW); every element
+        after the image is a class index (target or prediction) and becomes its `Category`, which shows as a title."""
+        x, *ys = o
+        return (x, *(Category(self.vocab[int(y)]) for y in ys))
 
     @contextmanager
     def set_split_idx(self, i: int):
@@ -38,7 +73,9 @@ class TensorDL(TfmdDL):
     """`TfmdDL` whose items are indices and whose `create_batch` gathers them: batch transforms run as usual."""
 
     def __init__(self, dataset: TensorImageSet, alt_flip_seed: int | None = None, **kwargs):
-        self.vocab = dataset.vocab
+        # fastai's own type, as a DataBlock's `dls.vocab`: `ClassificationInterpretation` takes a plain list for the
+        # vocab of several targets and would keep only its last class
+        self.vocab = CategoryMap(list(dataset.vocab), sort=False)
         # alternating flip (airbench94, Jordan 2024 sec. 3.6): a seeded half of the images is mirrored in
         # even epochs and the other half in odd ones (`flip_phase`, set each epoch by recipes.AlternateFlip), so every
         # image is seen both ways within two epochs instead of at random
@@ -75,3 +112,33 @@ class TensorDL(TfmdDL):
     @property
     def c(self) -> int:
         return len(self.vocab)
+
+
+class TensorDataLoaders(DataLoaders):
+    """`DataLoaders` of `TensorDL`s whose `test_dl` takes what a DataBlock's takes: files (or PIL images, bytes)
+    go through the inference DataBlock (`CifarImage`, as `learn.predict(path)` and the demo prepare an upload) with
+    these loaders' normalization and size, on their device; positions into the image tensor give a `TensorDL`."""
+
+    def test_dl(self, test_items, rm_type_tfms=None, with_labels: bool = False, **kwargs):
+        items = list(test_items)
+        kwargs.setdefault("bs", self.valid.bs)
+        ds = self.valid.dataset
+        if items and isinstance(ds, TensorImageSet) and all(isinstance(o, (int, np.integer)) for o in items):
+            kwargs.pop("process", None)  # `Interpretation` passes it, for tabular data
+            return self.valid.new(ds.at(items), shuffle=False, drop_last=False, **kwargs)
+        dl = self.inference_dls().test_dl(items, rm_type_tfms=rm_type_tfms, with_labels=with_labels, **kwargs)
+        dl.to(self.valid.device or torch.device("cpu"))  # TfmdDL.to returns None
+        return dl
+
+    def inference_dls(self) -> DataLoaders:
+        """The DataBlock inference pipeline for these loaders' classes, normalization and current input size."""
+        from .loaders import blank_inference_dls
+        from .transforms import input_spec
+
+        spec = input_spec(self)
+        key = (tuple(spec["vocab"]), spec["input_size"], tuple(spec["mean"]), tuple(spec["std"]))
+        cache = self.__dict__.setdefault("_inference", {})
+        if key not in cache:
+            cache.clear()
+            cache[key] = blank_inference_dls(spec["vocab"], spec["input_size"], (spec["mean"], spec["std"]))
+        return cache[key]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import matplotlib
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
@@ -13,8 +12,6 @@ from fastai.callback.core import Callback
 from fastai.interpret import ClassificationInterpretation
 from fastai.torch_core import TensorImage
 from fastcore.basics import getcallable, noop
-
-matplotlib.use("Agg")  # files, never windows: runs happen on servers and in CI
 
 
 class Interpretation(ClassificationInterpretation):

@@ -189,9 +189,6 @@ def markdown_table(rows: list[dict], budget: dict) -> str:
 
 def plot(rows: list[dict], path: Path, budget: dict) -> None:
     """Test accuracy against MFLOPs and against wall time, one labelled point per model."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))

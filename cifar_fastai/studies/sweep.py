@@ -358,9 +358,6 @@ def write_outputs(sweep_dir: Path, base: TrainConfig, table: list[dict], best: s
 
 def plot(path: Path, table: list[dict]) -> Path:
     """Mean +- std validation accuracy per configuration (best on top), every fold's accuracy as a dot."""
-    import matplotlib
-
-    matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [r for r in table if r["mean"] is not None][::-1]
