@@ -137,3 +137,13 @@ def test_tta_on_the_tensor_loader(tiny_data):
     preds, targs = learn.tta(dl=data_dl, n=2)
     assert preds.shape == (len(targs), 10) and torch.allclose(preds.sum(1), torch.ones(len(targs)), atol=1e-4)
     assert data_dl.dataset.split_idx == 1, "validation split restored after TTA"
+
+
+def test_a_run_ends_by_printing_the_next_commands(tiny_data, tmp_path, capsys):
+    from cifar_fastai import TrainConfig, train
+
+    run_dir = train(TrainConfig(data=str(tiny_data), arch="tiny", epochs=1, bs=16, out=str(tmp_path))).run_dir
+    out = capsys.readouterr().out
+    for cmd in (f"python scripts/evaluate.py {run_dir}", f"python demo/app.py --model {run_dir}",
+                f"python scripts/export.py onnx {run_dir}"):  # fmt: skip
+        assert cmd in out

@@ -300,6 +300,12 @@ def report(run: Run, metrics: dict) -> None:
         + f"({metrics['train_images_per_s']:.0f} train images/s, {metrics['wall_seconds']:.0f} s)"
     )
     run.log(f"results in {run.run_dir}: export.pkl, model.json + model.safetensors, config.json, metrics.json, history.csv, confusion_matrix.png")
+    run.log(
+        "next:\n"
+        f"  python scripts/evaluate.py {run.run_dir}      # per-class report, TTA, robustness\n"
+        f"  python demo/app.py --model {run.run_dir}      # the web demo\n"
+        f"  python scripts/export.py onnx {run.run_dir}   # ONNX for CPU serving"
+    )
 
 
 def get_learner(data: str = "sample", arch: str = "resnet18", **settings) -> Learner:
