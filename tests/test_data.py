@@ -18,7 +18,7 @@ from cifar_fastai.data.transforms import PadCropFlip
 def test_sample_is_shipped_in_cifar_layout():
     root = resolve_data("sample")
     assert root == SAMPLE_DIR
-    for split, n in (("train", 200), ("test", 50)):
+    for split, n in (("train", 900), ("test", 100)):  # bench/make_sample.py --train-per-class 900 --test-per-class 100
         classes = sorted(p.name for p in (root / split).iterdir())
         assert len(classes) == 10
         assert all(len(list((root / split / c).glob("*.jpg"))) == n for c in classes)
