@@ -75,16 +75,28 @@ def tree_bytes(root: Path) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--source", type=Path, required=True, help="CIFAR-layout .tgz (e.g. ../shared/data/cifar10-jpeg75.tgz)")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--source", type=Path, required=True, help="CIFAR-layout .tgz (e.g. ../shared/data/cifar10-jpeg75.tgz)"
+    )
     p.add_argument("--train-per-class", type=int, default=900, help="training images per class (default 900)")
     p.add_argument("--test-per-class", type=int, default=100, help="test images per class (default 100)")
     p.add_argument("--out", type=Path, default=Path("cifar_fastai/sample/cifar10_sample"), help="output folder")
     p.add_argument("--seed", type=int, default=0, help="seed of the selection beyond the kept first files (default 0)")
-    p.add_argument("--keep-train", type=int, default=200,
-                   help="the first K training files of each class always come first (default 200: the original sample)")
-    p.add_argument("--keep-test", type=int, default=50,
-                   help="the first K test files of each class always come first (default 50: the original sample)")
+    p.add_argument(
+        "--keep-train",
+        type=int,
+        default=200,
+        help="the first K training files of each class always come first (default 200: the original sample)",
+    )
+    p.add_argument(
+        "--keep-test",
+        type=int,
+        default=50,
+        help="the first K test files of each class always come first (default 50: the original sample)",
+    )
     args = p.parse_args(argv)
 
     labels, images = read_archive(args.source)
@@ -131,9 +143,11 @@ def main(argv: list[str] | None = None) -> None:
         tmp.rename(out)
 
     n = {s: sum(len(list((out / s / c).iterdir())) for c in vocab) for s in SPLITS}
-    print(f"{out}: {len(vocab)} classes, {n['train']:,} train ({args.train_per_class}/class) + "
-          f"{n['test']:,} test ({args.test_per_class}/class) images; {kept:,} unchanged, {added:,} written; "
-          f"{tree_bytes(out):,} bytes (du -sb)")
+    print(
+        f"{out}: {len(vocab)} classes, {n['train']:,} train ({args.train_per_class}/class) + "
+        f"{n['test']:,} test ({args.test_per_class}/class) images; {kept:,} unchanged, {added:,} written; "
+        f"{tree_bytes(out):,} bytes (du -sb)"
+    )
 
 
 if __name__ == "__main__":

@@ -76,7 +76,7 @@ class TrainConfig:
     # data
     data: str = opt(
         "cifar10",
-        "'sample' (shipped 2,500-image sample), 'cifar10' (fastai download), a CIFAR-layout folder "
+        "'sample' (the shipped sample of real CIFAR-10 images), 'cifar10' (fastai download), a CIFAR-layout folder "
         "(train/<class>/*, test/<class>/*) or a .tgz of one",
     )
     valid: str = opt(
