@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shlex
 import subprocess
 import sys
@@ -41,14 +40,9 @@ TRAIN_SECONDS_BAR = 120.0  # the fit's training + validation passes
 
 
 def cpu_model() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except (OSError, subprocess.CalledProcessError):
-        pass
-    return platform.processor() or "unknown"
+    from cifar_fastai.utils import cpu_info  # after the timed process: this one's imports are not measured
+
+    return cpu_info()["model"]
 
 
 def cores() -> int:

@@ -36,8 +36,9 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench/out/train_speed.json"
 
 
-def docs_recipe(root: Path, per_class: int, bs: int = 64) -> dict:
-    """The recipe people copy from the fastai docs: folders + aug_transforms + vision_learner(resnet18) + fit_one_cycle."""
+def docs_recipe(root: Path, per_class: int, bs: int = 64, epochs: int = 1, cbs: list | None = None) -> dict:
+    """The recipe people copy from the fastai docs: folders + aug_transforms + vision_learner(resnet18) + fit_one_cycle
+    (`epochs` of it; `cbs`: callbacks for the fit, e.g. a clock per epoch)."""
     from fastai.vision.all import (
         CategoryBlock,
         DataBlock,
@@ -64,14 +65,15 @@ def docs_recipe(root: Path, per_class: int, bs: int = 64) -> dict:
     learn = vision_learner(dls, resnet18, pretrained=False, metrics=accuracy)
     t0 = time.perf_counter()
     with learn.no_bar(), learn.no_logging():
-        learn.fit_one_cycle(1, 1e-3)
+        learn.fit_one_cycle(epochs, 1e-3, cbs=cbs)
     wall = time.perf_counter() - t0
     return {
         "what": "fastai docs recipe: DataBlock from files + aug_transforms + vision_learner(resnet18) + fit_one_cycle",
         "bs": bs,
         "n_train": len(train_files),
         "n_valid": len(test_files),
-        "epoch_images_per_s": (len(train_files) + len(test_files)) / wall,
+        "epochs": epochs,
+        "epoch_images_per_s": epochs * (len(train_files) + len(test_files)) / wall,
         "wall_seconds": wall,
         "accuracy": float(learn.recorder.values[-1][-1]),
     }

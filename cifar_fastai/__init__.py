@@ -10,6 +10,7 @@ from .data.loaders import CifarData, get_data
 from .data.sources import resolve_data
 from .deploy.safe import load, load_model, save_model
 from .errors import CifarFastaiError, ConfigError, DataError, ModelFileError
+from .evaluation.cam import heatmap, heatmaps, overlay
 from .models import get_arch, list_archs, register_arch, register_cifar_model
 from .training.resolve import resolve
 from .training.run import RunResult, get_learner, lr_find, train
@@ -27,10 +28,13 @@ __all__ = [
     "get_arch",
     "get_data",
     "get_learner",
+    "heatmap",
+    "heatmaps",
     "list_archs",
     "load",
     "load_model",
     "lr_find",
+    "overlay",
     "register_arch",
     "register_cifar_model",
     "resolve",

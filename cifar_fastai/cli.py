@@ -9,10 +9,10 @@ from collections.abc import Callable
 
 import typer
 
-from .config import TrainConfig
+from .config import FIELD_NAMES, TrainConfig
 from .errors import CifarFastaiError, ConfigError
 from .models import get_arch, list_archs
-from .training.resolve import resolve
+from .training.resolve import rerun_config, resolve
 
 
 def _list_archs(value: bool) -> None:
@@ -97,7 +97,9 @@ _LIST_ARCHS = inspect.Parameter(
 )
 
 
-def train_command(ctx: typer.Context | None = None, list_archs_: bool = False, **kwargs) -> None:
+def train_command(
+    ctx: typer.Context | None = None, list_archs_: bool = False, config: str | None = None, **kwargs
+) -> None:
     """Train a ResNet on CIFAR-10 from scratch, or fine-tune a pretrained one, into runs/<name>/.
 
     Examples:
@@ -107,11 +109,17 @@ def train_command(ctx: typer.Context | None = None, list_archs_: bool = False, *
       python scripts/train.py --arch resnet50 --epochs 20
 
       python scripts/train.py --data sample --lr-find
+
+      python scripts/train.py --config runs/<name>/config.json --seed 1
     """
     from .training.distributed import launch
     from .training.run import lr_find, train
 
-    plan = run_or_exit(lambda: resolve(TrainConfig(**kwargs), explicit_options(ctx)))
+    explicit = explicit_options(ctx)
+    if config is not None:  # the saved settings are complete (resolved): every option counts as given
+        plan = run_or_exit(lambda: resolve(rerun_config(config, kwargs, explicit), FIELD_NAMES))
+    else:
+        plan = run_or_exit(lambda: resolve(TrainConfig(**kwargs), explicit))
     run_or_exit(lambda: launch(lambda: lr_find(plan) if plan.cfg.lr_find else train(plan)))  # launch: rank-aware
 
 
@@ -128,18 +136,28 @@ def option(name: str, default, help: str, annotation=str, *flags: str, **extra) 
     )
 
 
+_CONFIG = option(
+    "config", None, "train again with the settings of a run's config.json (runs/<name>/config.json); options given "
+    "here win; a new run name unless --name; prints the library versions that differ from the run's", str | None,
+)  # fmt: skip
 train_app = new_app()
-train_app.command()(with_config_options(train_command, [_CTX, _LIST_ARCHS]))
+train_app.command()(with_config_options(train_command, [_CTX, _LIST_ARCHS, _CONFIG]))
 
 
 # ------------------------------------------------------------------------------------------------ studies
-def sweep_command(ctx: typer.Context | None = None, param: list[str] | None = None, random: int = 0, **kwargs) -> None:
-    """Grid or random search over any scripts/train.py option, ranked by mean validation accuracy over the folds
-    (--folds K) or the hold-out; writes results.csv/.md, sweep.png and the best scripts/train.py command."""
+def sweep_command(ctx: typer.Context | None = None, param: list[str] | None = None, random: int = 0,
+                  sampler: str = "grid", trials: int = 0, storage: str | None = None, prune: bool = False,
+                  **kwargs) -> None:  # fmt: skip
+    """Grid, random or TPE search (optuna) over any scripts/train.py option, ranked by the mean validation --monitor
+    over the folds (--folds K) or the hold-out; writes results.csv/.md, sweep.png and the best scripts/train.py
+    command. Rerun the command to resume it; run it on several machines with one --storage to share the work."""
     from .studies.sweep import sweep
 
-    explicit = explicit_options(ctx) - {"param", "random"}
-    run_or_exit(lambda: sweep(TrainConfig(**kwargs), param or [], random, explicit=explicit))
+    given = explicit_options(ctx)
+    explicit = given - {"param", "random", "sampler", "trials", "storage", "prune"}
+    picked = None if random and sampler == "grid" and "sampler" not in given else sampler  # --random N alone
+    settings = {"sampler": picked, "n_trials": trials, "storage": storage, "prune": prune}
+    run_or_exit(lambda: sweep(TrainConfig(**kwargs), param or [], random, explicit=explicit, **settings))
 
 
 sweep_app = new_app()
@@ -148,10 +166,21 @@ sweep_app.command()(
         sweep_command,
         [
             _CTX,
-            option("param", None, "a searched option: name=v1,v2 (grid) or name=low:high[:log] (random), e.g. "
+            option("param", None, "a searched option: name=v1,v2 (grid) or name=low:high[:log] (random/tpe), e.g. "
                    "lr=1e-3,3e-3; repeat it", list[str] | None, "--param", "-p"),
-            option("random", 0, "random search: this many seeded draws (0 = full grid)", int, min=0),
-            option("name", "sweep", "sweep folder under --out; rerunning into it skips finished trials"),
+            option("sampler", "grid", "optuna sampler: 'grid' (every combination of the value lists), 'random' or "
+                   "'tpe' (--trials settings drawn from value lists and low:high ranges); seeded by --seed", str,
+                   metavar="[grid|random|tpe]"),
+            option("trials", 0, "--sampler random/tpe: how many settings the study tries, all workers together", int,
+                   min=0),
+            option("random", 0, "short for --sampler random --trials N", int, min=0),
+            option("storage", None, "optuna storage URL (any database SQLAlchemy opens, e.g. "
+                   "postgresql://host/db) that workers on several machines share; default: "
+                   "sqlite:///<out>/<name>/study.db", str | None),
+            option("prune", False, "stop unpromising trials early: optuna's median pruner on each epoch's validation "
+                   "--monitor (fastai pruning callback)", bool),
+            option("name", "sweep", "sweep folder under --out, and the optuna study's name; rerunning into it resumes "
+                   "the study (finished trials are not trained again)"),
         ],
         exclude=("name", "fold", "lr_find"),
     )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import shlex
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,6 +64,17 @@ def parse_shares(text: str, start: int, full: int) -> tuple[float, ...]:
             + (f"{len(stages)}: {', '.join(map(str, stages))} px)" if stages else "it is off)")
         )
     return shares
+
+
+def parse_steps(text: str) -> tuple[float, ...]:
+    """`--lr-steps '0.5,0.75'`: increasing fractions of training, each strictly between 0 and 1."""
+    try:
+        steps = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        steps = ()
+    if not steps or not all(0 < v < 1 for v in steps) or list(steps) != sorted(set(steps)):
+        raise ConfigError(f"--lr-steps {text}: give increasing fractions of training between 0 and 1, e.g. 0.5,0.75")
+    return steps
 
 
 # Architectures whose optimizer rates Muon's groups were set for (airbench94_muon's bias-free head, logits / width).
@@ -198,21 +210,39 @@ class TrainConfig:
     recipe: str | None = opt(
         None,
         "named recipe: 'quick' (the first model on the sample), 'fast' (10-minute budget), 'long' (30 minutes), or "
-        "'record' (the CIFAR-10 speed record's own settings, their baseline); sets the options the command line "
-        "leaves at their defaults (docs/speed.md)",
-        choices=("quick", "fast", "long", "record"),
+        "'record' (the CIFAR-10 speed record's own settings, their baseline), or 'he2015' (He et al. 2015's CIFAR "
+        "ResNet settings: SGD 0.1, momentum 0.9, wd 1e-4, batch 128, rate /10 at 50% and 75%); sets the options the "
+        "command line leaves at their defaults (docs/speed.md)",
+        choices=("quick", "fast", "long", "record", "he2015"),
     )
     optimizer: str = opt(
         "adam",
         "from scratch: 'adam' (fastai's AdamW, --wd decoupled) or 'muon' (Muon on conv filters + Nesterov SGD on biases "
         "and head, airbench94_muon's rates, for airbench_resnet with --schedule linear; --lr is Muon's step; "
-        "--wd is not used: the groups carry airbench's weight decay)",
-        choices=("adam", "muon"),
+        "--wd is not used: the groups carry airbench's weight decay); 'sgd' (fastai's SGD with --momentum and "
+        "L2 weight decay --wd, the CIFAR ResNet tutorials' optimizer)",
+        choices=("adam", "muon", "sgd"),
     )
+    momentum: float = opt(0.9, "--optimizer sgd: momentum (0.9: He et al. 2015)", min=0.0, max=0.999)
     schedule: str = opt(
         "one_cycle",
-        "from scratch: 'one_cycle' (fastai fit_one_cycle) or 'linear' (full --lr decaying linearly to 0, airbench94_muon)",
-        choices=("one_cycle", "linear"),
+        "from scratch: 'one_cycle' (fastai fit_one_cycle), 'linear' (full --lr decaying linearly to 0, airbench94_muon), "
+        "'cosine' (full --lr, cosine-annealed to 0) or 'step' (full --lr, divided by 10 at each of --lr-steps)",
+        choices=("one_cycle", "linear", "cosine", "step"),
+    )
+    lr_steps: str = opt(
+        "0.5,0.75", "--schedule step: the fractions of training at which the rate is divided by 10 (He et al. 2015: "
+        "at 50% and 75%)",
+    )
+    ema: float = opt(
+        0.0, "model EMA: keep an exponential moving average of the weights with this decay (e.g. 0.999), validate it "
+        "each epoch beside the trained weights and keep the better; the decay warms up so short runs are not "
+        "dominated by the first weights; 0: off", min=0.0, max=0.99999,
+    )
+    augment: str = opt(
+        "none", "augmentation policy on top of crop/flip: 'trivial' (TrivialAugmentWide), 'rand' (RandAugment) or "
+        "'augmix' (AugMix), torchvision's v2 transforms per image on uint8; 'none': off",
+        choices=("none", "trivial", "rand", "augmix"),
     )
     alt_flip: bool = opt(
         False, "alternating flip (airbench94): a seeded half of the training images mirrored in even epochs, the rest "
@@ -238,6 +268,14 @@ class TrainConfig:
     tta: bool = opt(
         False, "also report test accuracy with test-time augmentation (airbench's 6 views: mirror x {none, +1px, -1px} shift)"
     )
+    tta_select: float = opt(
+        1.0, "with --tta: the fraction of test images (the lowest margin between their top two softmax probabilities "
+        "in the plain pass) that get the 5 extra views; the rest keep their plain prediction; 1: all", min=0.0, max=1.0,
+    )
+    select: float = opt(
+        1.0, "fraction of each training batch the net trains on: its highest-loss images by a small proxy net "
+        "trained alongside (airbench96_faster's data selection; callbacks/select.py); 1: all", gt=0, max=1,
+    )
     # multi-process training under torchrun / accelerate launch
     dist_timeout: int = opt(
         600,
@@ -262,6 +300,7 @@ class TrainConfig:
         if self.progressive and not 8 <= self.progressive < self.size:
             raise ConfigError(f"--progressive {self.progressive}: the start size must be at least 8 and below --size {self.size}")
         object.__setattr__(self, "_shares", parse_shares(self.progressive_shares, self.progressive, self.size))
+        object.__setattr__(self, "_steps", parse_steps(self.lr_steps))
         if self.time_budget and self.fine_tuning:  # fine_tune is two fits (frozen, then unfrozen); the budget plans one
             raise ConfigError("--time-budget plans a from-scratch run; fine-tuning (--pretrained/--weights) runs two fits: drop one")
         if self.fine_tuning and self.schedule != "one_cycle":
@@ -274,8 +313,18 @@ class TrainConfig:
             if self.schedule != "linear":
                 # fit_one_cycle also cycles momentum (0.95-0.85-0.95) in every group, overriding Muon's 0.6 and SGD's 0.85
                 raise ConfigError("--optimizer muon needs --schedule linear (fastai's one-cycle would override its momentum)")
+        # SGD with one-cycle keeps fastai's momentum cycle (0.95-0.85-0.95): the one-cycle policy was made for SGD with
+        # cycled momentum (Smith 2018), and it overrides --momentum, so a --momentum of one's own is refused there
+        if self.momentum != TrainConfig.momentum and (self.optimizer != "sgd" or self.schedule == "one_cycle"):
+            raise ConfigError(
+                "--momentum is for --optimizer sgd with --schedule linear, cosine or step (one_cycle cycles momentum)"
+            )
+        if self.steps != parse_steps(TrainConfig.lr_steps) and self.schedule != "step":
+            raise ConfigError(f"--lr-steps {self.lr_steps} is for --schedule step (got --schedule {self.schedule})")
         if self.alt_flip and self.loader == "datablock":
             raise ConfigError("--alt-flip needs the tensor loader (images of one size, --loader tensor or auto)")
+        if self.ema and self.lookahead:  # the net would be reset to one average while the other follows it
+            raise ConfigError("--ema and --lookahead both average the weights: pick one")
         if self.mixup > 0 and self.cutmix > 0:
             # both would wrap the loss function in turn and mix already-mixed targets; fastai applies one at a time
             raise ConfigError("--mixup and --cutmix cannot be used together: pick one")
@@ -309,6 +358,11 @@ class TrainConfig:
     def shares(self) -> tuple[float, ...]:
         """`progressive_shares` parsed (once, when the config was made)."""
         return self._shares
+
+    @property
+    def steps(self) -> tuple[float, ...]:
+        """`lr_steps` parsed (once, when the config was made)."""
+        return self._steps
 
     @classmethod
     def from_dict(cls, settings: dict[str, Any], source: str = "config") -> TrainConfig:
@@ -389,3 +443,27 @@ def checked_value(f: dataclasses.Field, value: Any) -> Any:
 
 
 DEFAULTS = TrainConfig()
+
+
+def train_command(cfg: TrainConfig) -> str:
+    """`python scripts/train.py ...` with every option that differs from the defaults (folds dropped: train on all):
+    the command a sweep's best setting, a model card and a rerun print."""
+    args = ["python", "scripts/train.py"]
+    for f in dataclasses.fields(TrainConfig):
+        value = getattr(cfg, f.name)
+        if f.name in ("folds", "fold", "name", "out", "lr_find") or value == getattr(DEFAULTS, f.name) or value is None:
+            continue
+        opt = "--" + f.name.replace("_", "-")
+        if isinstance(value, bool):
+            args.append(opt if value else "--no-" + f.name.replace("_", "-"))
+        else:
+            text = short(value) if isinstance(value, float) else str(value)
+            if "parser" in f.metadata and float(round(value * 255)) / 255 == value:
+                text = f"{round(value * 255)}/255"  # pixel amounts as written: --eps 4/255
+            args += [opt, text]
+    return " ".join(shlex.quote(a) for a in args)
+
+
+def short(value: float) -> str:
+    """3e-3 as '0.003', yet 8/255 exactly: `train.py` must get the very value that was searched."""
+    return f"{value:g}" if float(f"{value:g}") == value else repr(value)

@@ -25,6 +25,11 @@ class ModelFileError(CifarFastaiError):
     """An exported model that is missing, tampered with or not trusted."""
 
 
+class HubError(ModelFileError):
+    """The Hugging Face Hub is offline, unreachable or refuses (no token, no such repo); a `ModelFileError`, so code
+    that handles a missing model handles an `hf-hub:` one too."""
+
+
 class TrainingError(CifarFastaiError):
     """A run that diverged (NaN/inf loss) or otherwise cannot produce a model."""
 

@@ -32,15 +32,23 @@ def main(
     ] = DEFAULTS.adv_alpha,
     attack_n: Annotated[int, Opt(min=0, help="attack a seeded random subset of this many images (0 = all)")] = 1000,
     tta: Annotated[bool, Opt(help="also report test-time-augmentation accuracy (fastai learn.tta)")] = True,
+    tta_select: Annotated[
+        float, Opt(help="fraction of the images (least certain first) that get the extra TTA views; 1: all")
+    ] = DEFAULTS.tta_select,
     bs: Annotated[int, Opt(min=1, help="batch size")] = 256,
     trust_pickle: Annotated[
         bool, Opt(help="allow a run that has only export.pkl (unpickling runs its code: only runs you made)")
     ] = False,
 ) -> None:
-    """Evaluate runs/<name>; writes evaluation.json, evaluation.md and evaluation_confusion_matrix.png into it."""
+    """Evaluate runs/<name>; writes evaluation.json, evaluation.md, evaluation_confusion_matrix.png and
+    evaluation_top_losses.png (the worst-predicted test images with Grad-CAM heat maps) into it."""
     from cifar_fastai.evaluation.evaluate import evaluate
 
-    run_or_exit(lambda: evaluate(run, data, attack, eps, adv_alpha, adv_steps, attack_n or None, tta, bs, trust_pickle))
+    run_or_exit(
+        lambda: evaluate(
+            run, data, attack, eps, adv_alpha, adv_steps, attack_n or None, tta, bs, trust_pickle, tta_select=tta_select
+        )
+    )
 
 
 if __name__ == "__main__":

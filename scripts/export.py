@@ -1,8 +1,9 @@
-"""Export a trained run for CPU deployment: ONNX (preprocessing inside the graph), int8 ONNX, or the safe format.
+"""Export a trained run: ONNX (preprocessing inside the graph), int8 ONNX, the safe format, or a Hub model folder.
 
     python scripts/export.py onnx runs/resnet18-cifar10
     python scripts/export.py int8 runs/resnet18-cifar10 --calib 512
     python scripts/export.py safe runs/old-run --trust-pickle     # an old run with only export.pkl -> model.json
+    python scripts/export.py hub runs/resnet18-cifar10 --push your-name/cifar10-resnet18
 """
 
 from __future__ import annotations
@@ -60,6 +61,31 @@ def safe(run: Run, trust_pickle: Trust = False) -> None:
 
     out = run_or_exit(lambda: convert_pickle(run, trust_pickle=trust_pickle))
     typer.echo(f"wrote {out} and {out.with_name('model.safetensors')}")
+
+
+@app.command()
+def hub(
+    run: Run,
+    out: Annotated[Path | None, typer.Option(help="folder to write (default: <run>/hub)")] = None,
+    push: Annotated[
+        str | None, typer.Option(help="then upload the folder to this Hub repo (owner/name; created if missing)")
+    ] = None,
+    base_model: Annotated[
+        str | None, typer.Option(help="Hub id of the model it was fine-tuned from (default: timm's, for timm weights)")
+    ] = None,
+    private: Annotated[bool, typer.Option(help="--push: create the repo private")] = False,
+) -> None:
+    """Write a Hugging Face Hub model folder: model.safetensors, model.json, timm-style config.json, README.md card."""
+    from cifar_fastai.deploy.hub import check_repo_id, export_hub
+    from cifar_fastai.deploy.hub import push as push_folder
+
+    if push:
+        run_or_exit(lambda: check_repo_id(push))  # a bad id is refused before any work
+    folder = run_or_exit(lambda: export_hub(run, out, repo_id=push, base_model=base_model))
+    typer.echo(f"wrote {folder}: model.safetensors, model.json, config.json, README.md")
+    if push:
+        url = run_or_exit(lambda: push_folder(folder, push, private=private))
+        typer.echo(f"pushed to https://huggingface.co/{push} ({url})")
 
 
 if __name__ == "__main__":

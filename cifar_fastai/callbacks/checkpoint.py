@@ -66,6 +66,27 @@ def random_states(learn) -> dict:
     }
 
 
+def run_records(learn) -> dict:
+    """What the run's records need to go on after `--resume`: the Recorder's smoothed train loss (history.csv's
+    `train_loss`) and the state of every callback that keeps some (`resume_state()`: the run's clock, the throughput
+    counters, the weight average ...), by callback name."""
+    smooth = learn.recorder.smooth_loss
+    # a plain tensor: fastai's TensorBase is not among what a weights-only load may read
+    records = {"smooth_loss": {"val": smooth.val.detach().cpu().as_subclass(torch.Tensor), "count": smooth.count}}
+    records.update({cb.name: cb.resume_state() for cb in learn.cbs if hasattr(cb, "resume_state")})
+    return records
+
+
+def set_run_records(learn, records: dict) -> None:
+    """The inverse of `run_records`, into the callbacks of this fit (`load_resume_state(state)`)."""
+    if "smooth_loss" in records:  # fastai's AvgSmoothLoss restarts at every fit: go on from the saved average
+        learn.recorder.smooth_loss.val = records["smooth_loss"]["val"]
+        learn.recorder.smooth_loss.count = records["smooth_loss"]["count"]
+    for cb in learn.cbs:
+        if hasattr(cb, "load_resume_state") and cb.name in records:
+            cb.load_resume_state(records[cb.name])
+
+
 def set_random_states(learn, states: dict) -> None:
     random.setstate(states["python"])
     name, key, *rest = states["numpy"]
@@ -78,8 +99,9 @@ def set_random_states(learn, states: dict) -> None:
 
 
 class Checkpoint(TrackerCallback):
-    """After every epoch: `last.pth` (model, optimizer, epoch and iteration, random states: all `--resume` needs) and,
-    when `monitor` improved on the validation set, `best.pth` (model weights only, fastai's `learn.load` format).
+    """After every epoch: `last.pth` (model, optimizer, epoch and iteration, random states, the records' state:
+    `run_records`; all `--resume` needs) and, when `monitor` improved on the validation set, `best.pth` (model
+    weights only, fastai's `learn.load` format).
 
     Like fastai's `SaveModelCallback`, but atomic and with the position in the schedule; the test set is never seen.
     """
@@ -113,7 +135,8 @@ class Checkpoint(TrackerCallback):
             "best": float(self.best),
             "best_epoch": self.best_epoch,
         }
-        state = {"model": model, "opt": self.opt.state_dict(), "meta": meta, "random": random_states(self.learn)}
+        state = {"model": model, "opt": self.opt.state_dict(), "meta": meta, "random": random_states(self.learn),
+                 "records": run_records(self.learn)}  # fmt: skip
         save_atomic(state, self.folder / LAST)
 
 
@@ -149,7 +172,9 @@ class RestoreBest(TrackerCallback):
 
 class ResumeFrom(SkipToEpoch):
     """Continue a fit from `last.pth`: fastai's `SkipToEpoch` (what `fit_one_cycle(start_epoch=N)` adds), plus the
-    model and optimizer state, the iteration count and random states, and the trackers' best value.
+    model and optimizer state, the iteration count and random states, the trackers' best value, and the records'
+    state (smoothed loss, the run's clock, throughput, weight average: `set_run_records`), so history.csv and
+    metrics.json read as the uninterrupted run's would.
 
     Plain `start_epoch` still runs every callback's `after_epoch` on the skipped epochs (they only cancel): the
     Recorder logs empty rows, and `EarlyStoppingCallback`/`SaveModelCallback` fail on them (IndexError). So the other
@@ -197,6 +222,7 @@ class ResumeFrom(SkipToEpoch):
                         cb.weights = torch.load(self.best_path, map_location="cpu", weights_only=True)
                 if isinstance(cb, EarlyStoppingCallback) and meta["best_epoch"] is not None:
                     cb.wait = meta["epochs_done"] - 1 - meta["best_epoch"]  # epochs since the best, as fastai counts
+        set_run_records(self.learn, self.state.get("records", {}))  # none in checkpoints written before they were kept
         # fastai computes `dls.n_inp` lazily by pushing one item through the batch transforms (random crops draw from
         # torch's RNG) at the first batch of a fit: do it now, as the uninterrupted run did in its first epoch
         _ = self.learn.dls.n_inp

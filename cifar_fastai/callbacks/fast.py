@@ -48,21 +48,25 @@ class WhitenInit(Callback):
         layers = [m for m in self._layers() if not m.whitened]
         if not layers:
             return
-        xs, count = [], 0
-        with torch.no_grad():
-            # unshuffled and never mirrored (airbench whitens the plain images), even if smaller than a batch
-            dl = self.learn.dls.train
-            plain = {"alt_flip_seed": None} if getattr(dl, "flip_bits", None) is not None else {}
-            for xb, *_ in dl.new(shuffle=False, drop_last=False, **plain):
-                xs.append(torch.as_tensor(xb).float().cpu())
-                count += len(xs[-1])
-                if count >= self.n:
-                    break
-        if not xs:  # no training images at all: the layer stays an ordinary trainable conv
+        images = whitening_images(self.learn.dls.train, self.n)
+        if images is None:  # no training images at all: the layer stays an ordinary trainable conv
             return
-        images = torch.cat(xs)[: self.n]
         for layer in layers:
             layer.whiten(images.to(layer.weight.device))
+
+
+@torch.no_grad()
+def whitening_images(dl, n: int) -> torch.Tensor | None:
+    """Up to `n` training images (normalized, on the CPU) to whiten a `PatchWhiten` from: unshuffled and never
+    mirrored (airbench whitens the plain images), even if fewer than a batch; None if there are none."""
+    xs, count = [], 0
+    plain = {"alt_flip_seed": None} if getattr(dl, "flip_bits", None) is not None else {}
+    for xb, *_ in dl.new(shuffle=False, drop_last=False, **plain):
+        xs.append(torch.as_tensor(xb).float().cpu())
+        count += len(xs[-1])
+        if count >= n:
+            break
+    return torch.cat(xs)[:n] if xs else None
 
 
 class AlternateFlip(Callback):

@@ -28,9 +28,12 @@ class PlainProgress(Callback):
 
 
 class Throughput(Callback):
-    """Training images/s (forward+backward+step, data included) and images/s through training plus validation."""
+    """Training images/s (forward+backward+step, data included) and images/s through training plus validation.
+    After `--resume` the counters go on from the checkpoint's, so the figures cover the whole run."""
 
     order = 0
+    # predictions fetched inside the fit (the EMA's validation) are timed by the pass around them
+    remove_on_fetch = True
 
     def before_fit(self):
         self.train_s = self.valid_s = 0.0
@@ -54,6 +57,13 @@ class Throughput(Callback):
             self.train_n += n
         else:
             self.valid_n += n
+
+    def resume_state(self) -> dict:
+        return {"train_s": self.train_s, "valid_s": self.valid_s, "train_n": self.train_n, "valid_n": self.valid_n}
+
+    def load_resume_state(self, state: dict) -> None:
+        self.train_s, self.valid_s = state["train_s"], state["valid_s"]
+        self.train_n, self.valid_n = state["train_n"], state["valid_n"]
 
     def stats(self) -> dict[str, float]:
         total_s = self.train_s + self.valid_s
@@ -85,11 +95,26 @@ class StopOnNaN(Callback):
 class HistoryLogger(CSVLogger):
     """fastai's `CSVLogger` that appends across `fine_tune`'s two fits with one header and a `phase` column, and an
     `elapsed_s` column: wall seconds from `start` (the run's start, data loading included) to the end of the epoch,
-    the x axis of a time-to-accuracy curve (bench/time_to_accuracy.py)."""
+    the x axis of a time-to-accuracy curve (bench/time_to_accuracy.py).
+
+    After `--resume` the clock goes on from the checkpoint's (`offset`; the work lost to the interruption, after the
+    checkpoint, is not counted) and `resumed` says where each resume started."""
 
     def __init__(self, fname, start: float | None = None):
         super().__init__(fname, append=True)
         self.start = time.perf_counter() if start is None else start
+        self.offset, self.resumed = 0.0, []
+
+    def elapsed(self) -> float:
+        """Wall seconds of the run so far: this process's since `start`, plus those before a `--resume`."""
+        return self.offset + time.perf_counter() - self.start
+
+    def resume_state(self) -> dict:
+        return {"elapsed_s": self.elapsed(), "resumed": self.resumed}
+
+    def load_resume_state(self, state: dict) -> None:
+        self.offset = state["elapsed_s"]
+        self.resumed = [*state["resumed"], {"at_epoch": self.epoch + 1, "elapsed_s": round(self.offset, 1)}]
 
     def before_fit(self):
         if hasattr(self, "gather_preds"):
@@ -104,7 +129,7 @@ class HistoryLogger(CSVLogger):
         self.old_logger, self.learn.logger = self.logger, self._write_line
 
     def _write_line(self, log):
-        elapsed = f"{time.perf_counter() - self.start:.1f}"
+        elapsed = f"{self.elapsed():.1f}"
         self.file.write(",".join([self.phase, *[str(t) for t in log], elapsed]) + "\n")
         self.file.flush()
         os.fsync(self.file.fileno())

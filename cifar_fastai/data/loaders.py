@@ -17,6 +17,7 @@ from PIL import Image
 
 from ..config import TrainConfig
 from ..errors import ConfigError, DataError
+from .augment import PolicyAugment, augment_policy
 from .images import CifarImage
 from .index import NATIVE_SIZE, index_images, keep_classes, split_indices
 from .sources import resolve_data
@@ -84,6 +85,7 @@ def _tensor_dls(index, train, valid, test, cfg, stats):
     images = torch.from_numpy(index.images).permute(0, 3, 1, 2)  # NCHW view of the NHWC cache, no copy
     labels = torch.from_numpy(index.labels.astype(np.int64))
     workers = cfg.workers if cfg.workers is not None else default_workers("tensor", cfg)
+    policy = augment_policy(cfg.augment)  # every loader carries it; only the training split (split_idx 0) uses it
 
     def dl(idx, split_idx, train_mode):
         ds = TensorImageSet(images, labels, idx, index.vocab, split_idx, index.files)
@@ -91,6 +93,7 @@ def _tensor_dls(index, train, valid, test, cfg, stats):
         return TensorDL(
             ds,
             alt_flip_seed=cfg.seed if alternate else None,
+            policy=policy,
             bs=cfg.bs,
             shuffle=train_mode,
             drop_last=train_mode,
@@ -102,14 +105,14 @@ def _tensor_dls(index, train, valid, test, cfg, stats):
     return dls, dl(test, 1, False)
 
 
-def datablock(vocab: list[str], valid_idx, size: int, stats, pad: int = 4) -> DataBlock:
+def datablock(vocab: list[str], valid_idx, size: int, stats, pad: int = 4, augment: str = "none") -> DataBlock:
     """The general fastai path: any folder of images, each prepared as the demo prepares an upload (`CifarImage`:
-    RGB, centre square, 32 px), then the same batch transforms."""
+    RGB, centre square, 32 px), then the same batch transforms; `augment`: the `--augment` policy per training item."""
     return DataBlock(
         blocks=(ImageBlock(cls=CifarImage), CategoryBlock(vocab=vocab)),
         get_y=parent_label,
         splitter=IndexSplitter(valid_idx),
-        item_tfms=Resize(NATIVE_SIZE),
+        item_tfms=[Resize(NATIVE_SIZE)] + ([PolicyAugment(augment)] if augment != "none" else []),
         batch_tfms=batch_tfms_for(size, stats, pad=pad),
     )
 
@@ -118,7 +121,7 @@ def _datablock_dls(index, train, valid, test, cfg, stats):
     items = [index.files[i] for i in np.concatenate([train, valid])]
     valid_pos = list(range(len(train), len(train) + len(valid)))
     workers = cfg.workers if cfg.workers is not None else default_workers("datablock", cfg)
-    dls = datablock(index.vocab, valid_pos, cfg.size, stats, cfg.crop_pad).dataloaders(
+    dls = datablock(index.vocab, valid_pos, cfg.size, stats, cfg.crop_pad, cfg.augment).dataloaders(
         items, bs=cfg.bs, num_workers=workers
     )
     test_dl = dls.test_dl([index.files[i] for i in test], with_labels=True)

@@ -12,6 +12,8 @@ from fastai.data.transforms import Category, CategoryMap
 from fastai.torch_core import TensorCategory, TensorImage
 from fastcore.foundation import L
 
+from .augment import apply_per_image
+
 
 class TensorImageSet:
     """The dataset of a `TensorDL`: positions into a shared image tensor, plus the fastai attributes it needs.
@@ -72,7 +74,7 @@ class TensorImageSet:
 class TensorDL(TfmdDL):
     """`TfmdDL` whose items are indices and whose `create_batch` gathers them: batch transforms run as usual."""
 
-    def __init__(self, dataset: TensorImageSet, alt_flip_seed: int | None = None, **kwargs):
+    def __init__(self, dataset: TensorImageSet, alt_flip_seed: int | None = None, policy=None, **kwargs):
         # fastai's own type, as a DataBlock's `dls.vocab`: `ClassificationInterpretation` takes a plain list for the
         # vocab of several targets and would keep only its last class
         self.vocab = CategoryMap(list(dataset.vocab), sort=False)
@@ -84,12 +86,14 @@ class TensorDL(TfmdDL):
             gen = torch.Generator().manual_seed(alt_flip_seed)
             self.flip_bits = torch.randint(0, 2, (len(dataset.images),), generator=gen).bool()
         self.flip_phase = 0
+        self.policy = policy  # `--augment`: a torchvision v2 policy, applied per image to training batches
         super().__init__(dataset, **kwargs)
 
     def new(self, dataset=None, cls=None, **kwargs):
         """fastai's `new` (same transforms and settings), keeping the alternating flip unless told otherwise."""
         if cls is None or issubclass(cls, TensorDL):
             kwargs.setdefault("alt_flip_seed", self.alt_flip_seed)
+            kwargs.setdefault("policy", self.policy)
         res = super().new(dataset, cls, **kwargs)
         if getattr(res, "flip_bits", None) is not None:
             res.flip_phase = self.flip_phase
@@ -104,6 +108,11 @@ class TensorDL(TfmdDL):
         if self.flip_bits is not None:
             mirror = self.flip_bits[pos] ^ bool(self.flip_phase)
             x = torch.where(mirror[:, None, None, None], x.flip(-1), x)
+        # the policy runs here, not as a batch transform: create_batch runs on the CPU (in the workers, when there are
+        # any) before the batch moves to the device, where per-image calls on tiny images would each be a kernel
+        # launch; and on uint8, before IntToFloatTensor, as the policies expect. Training split only, as PadCropFlip
+        if self.policy is not None and getattr(self.dataset, "split_idx", None) == 0:
+            x = apply_per_image(self.policy, x)
         return TensorImage(x), TensorCategory(self.dataset.labels[pos])
 
     def retain(self, res, b):

@@ -197,9 +197,13 @@ def load_model(path: str | Path, data: str | None = None, cpu: bool = True):
     `path`: a run folder, its model.json or its model.safetensors. `data`: optionally any `--data` value (e.g.
     'sample' or a folder): the learner then gets training DataLoaders for `lr_find`, `fit_one_cycle` or
     `fine_tune`; without it, it has the inference pipeline for `predict` and `tta(dl=learn.dls.test_dl(...))`.
+    `path` may also be `hf-hub:owner/name`: a folder from `scripts/export.py hub` on the Hugging Face Hub.
     """
     from ..training.learner import create_learner
+    from .hub import HF_HUB_PREFIX, download
 
+    if str(path).startswith(HF_HUB_PREFIX):  # fetched into huggingface_hub's cache, then read as a local folder
+        path = download(str(path))
     json_path = find_model_json(path)
     meta = read_model_json(json_path)
     sd = read_weights(json_path, meta)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from ..data.images import MAX_FILE_BYTES, CifarImage, prepare_image
@@ -15,7 +16,10 @@ TOP_K = 3
 
 
 # 32 px images would show as a thumbnail: scale them up to the box, with visible pixels (that is what the model sees)
-CSS = "#input-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; }"
+CSS = (
+    "#input-image img { width: 100%; height: 100%; object-fit: contain; image-rendering: pixelated; } "
+    "#heatmap img { image-rendering: pixelated; }"
+)
 
 
 # ------------------------------------------------------------------------------------------------ model + predict
@@ -40,6 +44,13 @@ class Classifier:
             _, _, probs = self.learn.predict(rgb)
         top = probs.topk(min(k, len(self.vocab)))
         return {self.vocab[i]: float(p) for p, i in zip(top.values, top.indices)}
+
+    def explain(self, img: str | Path | bytes | Image.Image) -> np.ndarray:
+        """Where the model looked for its top class: the Grad-CAM overlay on the image it saw, RGB uint8, upscaled."""
+        from ..evaluation.cam import heatmaps, overlay
+
+        maps, _, seen = heatmaps(self.learn, [img])
+        return overlay(seen[0], maps[0])
 
 
 def find_default_model(runs: str | Path = "runs") -> Path:
@@ -72,13 +83,16 @@ def payload_source(payload) -> str | bytes | None:
 
 # ------------------------------------------------------------------------------------------------------- the page
 def build_demo(clf: Classifier, examples: list[Path] | None = None):
-    """The Gradio page: an image in, the top-3 classes out; errors appear in the page and the server keeps going."""
+    """The Gradio page: an image in, the top-3 classes and where the model looked (Grad-CAM) out; errors appear in
+    the page and the server keeps going."""
     import gradio as gr
 
-    def classify(payload) -> dict[str, float] | None:
+    def classify(payload) -> tuple[dict[str, float] | None, np.ndarray | None]:
         try:
             src = payload_source(payload)  # a pasted data URL is decoded here: its errors are the user's too
-            return None if src is None else clf.predict(src)  # None: the image was cleared
+            if src is None:
+                return None, None  # the image was cleared
+            return clf.predict(src), clf.explain(src)
         except ImageInputError as e:
             raise gr.Error(str(e), print_exception=False) from None
 
@@ -86,19 +100,24 @@ def build_demo(clf: Classifier, examples: list[Path] | None = None):
         gr.Markdown(
             f"# CIFAR-10 classifier\nUpload, paste or pick an image; the model ({clf.source}) shows its top "
             f"{TOP_K} of {len(clf.vocab)} classes: {', '.join(clf.vocab)}. Any photo works; it is centre-cropped "
-            f"and shrunk to {NATIVE_SIZE}x{NATIVE_SIZE} pixels like the training images."
+            f"and shrunk to {NATIVE_SIZE}x{NATIVE_SIZE} pixels like the training images. The heat map (Grad-CAM) "
+            "shows which parts of the image raised the top class's score most."
         )
         with gr.Row():
             image = gr.Image(type="filepath", image_mode=None, label="image", elem_id="input-image", height=320)
             label = gr.Label(num_top_classes=TOP_K, label="prediction", elem_id="prediction")
+            # png: a lossless copy of the overlay's pixels (gradio's default webp blurs the model's 32 px grid)
+            heat = gr.Image(type="numpy", format="png", label="where it looked (Grad-CAM)",
+                            elem_id="heatmap", height=320, interactive=False)  # fmt: skip
         # preprocess=False: our own decoder sees the raw upload, so a bad file gets our message, not a traceback
         # `input`, not `change`: change also fires when the page itself sets the value, so replacing a shown image
         # ran the model twice (and showed an error twice); examples run the model on click instead
-        predicted = image.input(classify, image, label, api_name="predict", preprocess=False)
-        predicted.failure(lambda: None, None, label, api_name=False)  # no earlier prediction beside an error
+        predicted = image.input(classify, image, [label, heat], api_name="predict", preprocess=False)
+        # no earlier prediction (or heat map) beside an error
+        predicted.failure(lambda: (None, None), None, [label, heat], api_name=False)
         if examples:
-            gr.Examples([[str(p)] for p in examples], inputs=image, outputs=label, fn=classify, run_on_click=True,
-                        preprocess=False, label="CIFAR-10 test images", api_name=False)  # fmt: skip
+            gr.Examples([[str(p)] for p in examples], inputs=image, outputs=[label, heat], fn=classify,
+                        run_on_click=True, preprocess=False, label="CIFAR-10 test images", api_name=False)  # fmt: skip
     return demo
 
 

@@ -1,2 +1,2 @@
 """Evaluation: the test report and TTA (`report`), evaluating a finished run (`evaluate`), attacks and robust accuracy
-(`attacks`)."""
+(`attacks`), where the model looked: Grad-CAM heat maps (`cam`)."""

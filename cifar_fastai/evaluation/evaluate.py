@@ -14,10 +14,10 @@ from ..config import TrainConfig
 from ..data.index import READ_ERRORS, read_rgb
 from ..data.loaders import get_data
 from ..data.sources import resolve_data
-from ..errors import DataError, ModelFileError
+from ..errors import ConfigError, DataError, ModelFileError
 from ..utils import write_json
 from .attacks import robust_accuracy
-from .report import Interpretation, tta_accuracy
+from .report import Interpretation, tta_result
 
 
 def load_run_learner(run_dir: Path, trust_pickle: bool = False):
@@ -108,9 +108,14 @@ def evaluate(
     bs: int = 256,
     trust_pickle: bool = False,
     verbose: bool = True,
+    tta_select: float = 1.0,
 ) -> dict:
-    """Evaluate `runs/<name>` and write `evaluation.json`, `evaluation.md` and a confusion matrix PNG into it."""
+    """Evaluate `runs/<name>` and write `evaluation.json`, `evaluation.md`, a confusion matrix PNG and a top-losses
+    PNG (each image beside its Grad-CAM heat map) into it. `tta_select`: the share of the least certain images that
+    get the extra TTA views (`selective_tta_preds`; 1: all)."""
     t0 = time.perf_counter()
+    if not 0.0 <= tta_select <= 1.0:
+        raise ConfigError(f"--tta-select {tta_select}: give a fraction of the test images between 0 and 1")
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ModelFileError(f"{run_dir}: no such run folder")
@@ -125,6 +130,11 @@ def evaluate(
     summary = interp.summary()
     per_class, report_text = classification_report(interp.targs, interp.decoded, vocab)
     png = interp.save_confusion_matrix(run_dir / f"{stem}_confusion_matrix.png", title=f"{run_dir.name}: {source}")
+    try:
+        cam = interp.save_top_losses_cam(run_dir / f"{stem}_top_losses.png", title=f"{run_dir.name}: top losses")
+    except ConfigError as e:  # a model with no conv feature map (a timm vision transformer): the rest still holds
+        cam = None
+        log(f"no Grad-CAM figure: {e}")
     result = {
         "run": str(run_dir),
         "data": source,
@@ -136,10 +146,13 @@ def evaluate(
         "most_confused": summary["most_confused"],
         "confusion_matrix": interp.confusion_matrix().tolist(),
         "confusion_matrix_png": png.name,
+        "top_losses_png": cam.name if cam else None,
         "skipped_files": skipped,
     }
     if tta:
-        result["tta_accuracy"] = tta_accuracy(learn, dl, plain=interp.logits)
+        result["tta_accuracy"], result["tta_extra_view_images"] = tta_result(
+            learn, dl, tta_select, plain=interp.logits, targs=interp.targs
+        )
     if attack != "none":
         set_seed(0)  # the attacked subset and PGD's random starts are reproducible
         sub = dl.new(shuffle=True) if attack_n else dl  # a random subset: the test loader is ordered by class
@@ -154,7 +167,7 @@ def evaluate(
     write_json(run_dir / f"{stem}.json", result)
     (run_dir / f"{stem}.md").write_text(markdown(result, report_text))
     log(summary_line(result))
-    log(f"wrote {run_dir / (stem + '.json')}, {stem}.md, {png.name}")
+    log(f"wrote {run_dir / (stem + '.json')}, {stem}.md, {png.name}" + (f", {cam.name}" if cam else ""))
     return result
 
 
@@ -214,6 +227,18 @@ def markdown(r: dict, report_text: str) -> str:
     ]
     lines += [f"- {a} -> {b}: {k}" for a, b, k in r["most_confused"]] or ["- none"]
     lines += ["", f"![confusion matrix]({r['confusion_matrix_png']})", ""]
+    if r.get("top_losses_png"):
+        lines += [
+            "## Top losses: where the model looked",
+            "",
+            (
+                "The test images with the highest loss; beside each, the Grad-CAM heat map of the class the model "
+                "predicted (red: the regions that raised that class's score most)."
+            ),
+            "",
+            f"![top losses with Grad-CAM]({r['top_losses_png']})",
+            "",
+        ]
     if r["skipped_files"]:
         lines += ["Skipped unreadable files: " + ", ".join(r["skipped_files"]), ""]
     return "\n".join(lines)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -51,6 +52,30 @@ class Interpretation(ClassificationInterpretation):
         self.plot_confusion_matrix(figsize=(7, 7), dpi=100, title=title)
         plt.savefig(path, bbox_inches="tight")
         plt.close("all")
+        return path
+
+    def save_top_losses_cam(self, path: Path, k: int = 9, title: str = "Top losses", cols: int = 3) -> Path:
+        """The `k` images with the highest loss, each beside its Grad-CAM map for the class the model predicted
+        (fastai's `plot_top_losses` with where the model looked); the images are read back from `dl.items`."""
+        from .cam import heatmaps, overlay
+
+        losses, idx, items = self.top_losses(min(k, len(self.losses)), items=True)
+        predicted = self.decoded[idx].tolist()
+        maps, classes, seen = heatmaps(self.learn, list(items), predicted)
+        rows = -(-len(idx) // cols)
+        fig, axes = plt.subplots(rows, 2 * cols, figsize=(4 * cols, 2.4 * rows), dpi=100, squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        for j, (i, loss) in enumerate(zip(idx.tolist(), losses.tolist())):
+            left, right = axes[j // cols, 2 * (j % cols)], axes[j // cols, 2 * (j % cols) + 1]
+            left.imshow(seen[j], interpolation="nearest")
+            left.set_title(f"actual {self.vocab[int(self.targs[i])]}", fontsize=9)
+            right.imshow(overlay(seen[j], maps[j], size=4 * maps[j].shape[0]), interpolation="nearest")
+            right.set_title(f"{classes[j]} {float(self.preds[i, predicted[j]]):.2f}, loss {loss:.2f}", fontsize=9)
+        fig.suptitle(f"{title}: predicted class and its Grad-CAM map")
+        fig.tight_layout()
+        fig.savefig(path, bbox_inches="tight")
+        plt.close(fig)
         return path
 
 
@@ -105,3 +130,62 @@ def tta_accuracy(learn, dl, cbs: list | None = None, plain: torch.Tensor | None 
     """Test accuracy with `tta_preds` (6 views)."""
     preds, targs = tta_preds(learn, dl, cbs, plain)
     return float((preds.argmax(1) == targs).float().mean())
+
+
+def uncertain(logits: torch.Tensor, fraction: float) -> torch.Tensor:
+    """Positions (ascending) of the `fraction * n` (rounded up) images whose prediction is least certain: the smallest
+    margin between the top two softmax probabilities."""
+    n = len(logits)
+    k = min(n, math.ceil(fraction * n - 1e-9))  # the float error of e.g. 0.3 * 10 does not add an image
+    if k == 0 or n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    probs = logits.float().softmax(1)
+    top2 = probs.topk(min(2, probs.shape[1]), dim=1).values
+    margin = top2[:, 0] - (top2[:, 1] if top2.shape[1] > 1 else 0)
+    return margin.argsort()[:k].sort().values
+
+
+def selective_tta_preds(
+    learn,
+    dl,
+    fraction: float,
+    cbs: list | None = None,
+    plain: torch.Tensor | None = None,
+    targs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Selective TTA: the plain pass for every image, the other `TTA_VIEWS` only for the `uncertain` `fraction`
+    of them (their weighted mean as in `tta_preds`); the rest keep their plain logits. Returns the logits, the
+    targets and the positions that got the extra views. A confident prediction rarely changes under a 1-px shift
+    or a mirror, so the views are spent where they can still flip the argmax; the test pass then costs
+    1 + 5 * `fraction` passes instead of 6. `plain`/`targs`: the plain pass if already predicted
+    (`Interpretation.logits`, `.targs`)."""
+    if plain is None or targs is None:
+        plain, targs = learn.get_preds(dl=dl, cbs=cbs, act=noop)
+    marked = uncertain(plain, fraction)
+    preds = plain.float().clone()
+    if len(marked):
+        # the marked images alone, in their order: fastai's own way of re-indexing a loader (`get_preds(reorder=)`)
+        idxs = marked.tolist()
+        sub = dl.new(shuffle=False, drop_last=False, n=len(idxs), get_idxs=lambda: idxs)
+        total = None
+        for flip, shift, weight in TTA_VIEWS:
+            if not flip and not shift:
+                logits = plain[marked]
+            else:
+                logits, _ = learn.get_preds(dl=sub, cbs=[View(flip, shift), *(cbs or [])], act=noop)
+            total = logits.float() * weight if total is None else total + logits.float() * weight
+        preds[marked] = total
+    return preds, targs, marked
+
+
+def tta_result(
+    learn,
+    dl,
+    fraction: float = 1.0,
+    cbs: list | None = None,
+    plain: torch.Tensor | None = None,
+    targs: torch.Tensor | None = None,
+) -> tuple[float, int]:
+    """Test accuracy with `selective_tta_preds` and how many images got the extra views (all of them at 1)."""
+    preds, targs, marked = selective_tta_preds(learn, dl, fraction, cbs, plain, targs)
+    return float((preds.argmax(1) == targs).float().mean()), len(marked)

@@ -1,4 +1,5 @@
-"""Hyperparameter search: grid or random over any config field, k-fold cross-validated, resumable, never on test."""
+"""Hyperparameter search on optuna: grid, random or TPE over any config field, k-fold cross-validated, one resumable
+study (SQLite, or any database several workers share), never selected on the test set."""
 
 from __future__ import annotations
 
@@ -6,41 +7,43 @@ import dataclasses
 import hashlib
 import itertools
 import json
-import math
-import os
-import random
-import shlex
-import shutil
+import statistics
 import time
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import DEFAULTS, TrainConfig, checked_value, field_type
-from ..errors import ArchError, CifarFastaiError, ConfigError
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+from optuna_integration import FastAIPruningCallback
+
+from ..config import TrainConfig, checked_value, field_type
+from ..errors import ArchError, ConfigError
 from ..models import get_arch
 from ..training.resolve import Resolved, resolve
+from .sweep_report import fmt_params, summarize, train_command, write_outputs
+from .sweep_study import (
+    GRACE_S,
+    SweepError,
+    open_study,
+    quiet,
+    same_setting,
+    work_left,
+)
 
-# Fields that name where or how fast a trial runs, not what it learns: they never change a trial's key.
-NOT_HYPERPARAMETERS = ("name", "out", "workers", "threads", "lr_find", "fold")
-
+__all__ = ["Param", "SweepError", "SweepResult", "parse_param", "sweep", "train_command"]
 
 NOT_SEARCHABLE = ("name", "out", "lr_find", "fold", "folds", "valid")
-
-
 LOG_SCALE = "log"
-
-
-class SweepError(CifarFastaiError):
-    """A search space or sweep setting that cannot be run."""
-
-    exit_code = 2
+SAMPLERS = ("grid", "random", "tpe")
+# Pruning step of epoch n of fold f: f * FOLD_STEPS + n, so one (fold, epoch) has one step in every trial.
+FOLD_STEPS = 1000
 
 
 # ------------------------------------------------------------------------------------------------- search space
 @dataclass(frozen=True)
 class Param:
-    """One searched field: a list of values (grid or random choice) or a range `lo:hi[:log]` (random search only)."""
+    """One searched field: a list of values (grid or categorical) or a range `lo:hi[:log]` (random or TPE)."""
 
     name: str
     values: tuple | None = None
@@ -48,14 +51,12 @@ class Param:
     high: float | None = None
     log: bool = False
 
-    def sample(self, rng: random.Random):
+    def suggest(self, trial: optuna.Trial):
         if self.values is not None:
-            return rng.choice(self.values)
-        if self.log:
-            value = math.exp(rng.uniform(math.log(self.low), math.log(self.high)))
-        else:
-            value = rng.uniform(self.low, self.high)
-        return round(value) if field_type(self.name) is int else float(f"{value:.4g}")
+            return trial.suggest_categorical(self.name, list(self.values))
+        if field_type(self.name) is int:
+            return trial.suggest_int(self.name, int(self.low), int(self.high), log=self.log)
+        return trial.suggest_float(self.name, self.low, self.high, log=self.log)
 
 
 def convert(name: str, text: str):
@@ -80,7 +81,7 @@ def convert(name: str, text: str):
 
 
 def parse_param(spec: str) -> Param:
-    """`lr=1e-3,3e-3` (values), `lr=1e-4:1e-2:log` or `width=0.5:2` (ranges, random search)."""
+    """`lr=1e-3,3e-3` (values), `lr=1e-4:1e-2:log` or `width=0.5:2` (ranges, random or TPE search)."""
     name, sep, rhs = spec.partition("=")
     name = name.strip().lstrip("-").replace("-", "_")
     known = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -100,61 +101,146 @@ def parse_param(spec: str) -> Param:
     return Param(name, values=tuple(dict.fromkeys(convert(name, v.strip()) for v in rhs.split(","))))
 
 
-def plan(params: list[Param], n_random: int = 0, seed: int = 42) -> list[dict]:
-    """The configurations to try: the full grid, or `n_random` seeded random draws (duplicates dropped)."""
-    if len({p.name for p in params}) != len(params):
+def search_space(params: list[str], sampler: str) -> list[Param]:
+    space = [parse_param(p) for p in params]
+    if len({p.name for p in space}) != len(space):
         raise SweepError("each --param name may appear once")
-    if not n_random:
-        ranged = [p.name for p in params if p.values is None]
-        if ranged:
-            raise SweepError(f"--param {ranged[0]}: a low:high range needs random search (--random N)")
-        return [dict(zip([p.name for p in params], combo)) for combo in itertools.product(*(p.values for p in params))]
-    rng = random.Random(seed)  # the same draws on a restart: finished trials are then found and skipped
-    draws = [{p.name: p.sample(rng) for p in params} for _ in range(n_random)]
-    return list({json.dumps(d, sort_keys=True): d for d in draws}.values())
+    ranged = [p.name for p in space if p.values is None]
+    if sampler == "grid" and ranged:
+        raise SweepError(f"--param {ranged[0]}: a low:high range needs --sampler random or tpe (or --random N)")
+    if sampler != "grid" and not space:
+        raise SweepError(f"--sampler {sampler} draws settings: give at least one --param")
+    return space
 
 
-def config_key(cfg: TrainConfig) -> str:
-    """A short hash of everything that changes what a trial learns (fold excluded: folds of one config share it)."""
-    d = {k: v for k, v in cfg.to_dict().items() if k not in NOT_HYPERPARAMETERS}
-    return hashlib.sha1(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:10]
+def grid_points(space: list[Param]) -> list[dict]:
+    """Every combination of the value lists: the points GridSampler visits."""
+    return [dict(zip([p.name for p in space], combo)) for combo in itertools.product(*(p.values for p in space))]
+
+
+class TrialSeededSampler(optuna.samplers.RandomSampler):
+    """optuna's random sampler with each draw seeded by (seed, trial number, name): the same settings for the same
+    --trials whether one worker drew them or several, in one go or resumed (a process-wide seed would repeat the
+    first worker's draws in every other worker and after every restart)."""
+
+    def __init__(self, seed: int):
+        super().__init__(seed=seed)
+        self.base_seed = seed
+
+    def sample_independent(self, study, trial, param_name, param_distribution):
+        digest = hashlib.sha256(f"{self.base_seed}/{trial.number}/{param_name}".encode()).digest()
+        draw = optuna.samplers.RandomSampler(seed=int.from_bytes(digest[:4], "little"))
+        return draw.sample_independent(study, trial, param_name, param_distribution)
+
+
+def sampler_choice(sampler: str | None, n_random: int, n_trials: int) -> tuple[str, int]:
+    """The sampler and how many settings it draws (0 for a grid: it trains every point)."""
+    if n_random:
+        if sampler not in (None, "random") or n_trials not in (0, n_random):
+            raise SweepError("--random N is short for --sampler random --trials N: give one or the other")
+        return "random", n_random
+    sampler = sampler or "grid"
+    if sampler not in SAMPLERS:
+        raise SweepError(f"--sampler {sampler}: choose one of {', '.join(SAMPLERS)}")
+    if sampler == "grid" and n_trials:
+        raise SweepError("--trials sets how many settings --sampler random/tpe draws; a grid trains every point")
+    if sampler != "grid" and n_trials < 1:
+        raise SweepError(f"--sampler {sampler}: say how many settings to draw with --trials N")
+    return sampler, n_trials
+
+
+def make_sampler(kind: str, space: list[Param], seed: int, n_existing: int) -> optuna.samplers.BaseSampler:
+    if kind == "grid":
+        # Trial k of a study takes grid point k, so workers sharing the storage split the grid between them.
+        return optuna.samplers.GridSampler({p.name: list(p.values) for p in space}, seed=seed)
+    if kind == "random":
+        return TrialSeededSampler(seed)
+    # TPE learns from the study's trials (constant liar: it also avoids the ones still running in other workers);
+    # the seed moves on with the study so a resumed worker does not replay the first worker's start-up draws.
+    return optuna.samplers.TPESampler(seed=seed + n_existing, constant_liar=True)
 
 
 # --------------------------------------------------------------------------------------------------------- trials
-def run_trial(plan: Resolved, trial_dir: Path) -> dict:
-    """Train one configuration on one fold with the run's own steps; report the *validation* result only."""
+class FoldSteps:
+    """The trial as optuna's fastai pruning callback sees it during one fold. The callback reports each epoch at
+    step `epoch`, which would repeat in every fold (optuna keeps only the first report of a step) and restart in a
+    fine-tuning run's second fit. Here epoch n of fold f is step f * FOLD_STEPS + n: every trial trains the same
+    seeded folds, so the pruner compares a trial's fold f, epoch n with the other trials' fold f, epoch n."""
+
+    def __init__(self, trial: optuna.Trial, fold: int):
+        self.trial, self.first, self.n = trial, fold * FOLD_STEPS, 0
+
+    def report(self, value: float, step: int) -> None:
+        self.trial.report(value, self.first + self.n)
+        self.n += 1
+
+    def should_prune(self) -> bool:
+        return self.trial.should_prune()
+
+
+def run_fold(plan: Resolved, trial_dir: Path, cbs: list) -> dict:
+    """Train one setting on one fold with the run's own steps; report the *validation* result only."""
     from ..training.run import fit_run, kept_validation, start
 
-    shutil.rmtree(trial_dir, ignore_errors=True)  # a trial killed half-way starts over, not appended to
-    trial_dir.mkdir(parents=True)
+    trial_dir.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     run = start(plan, verbose=False, t0=t0, run_dir=trial_dir)
-    fit_run(run, budget_start=t0)  # a --time-budget is each trial's own
-    out = {"seconds": round(time.perf_counter() - t0, 2), "n_train": run.data.n_train, "n_valid": run.data.n_valid}
+    with run.learn.added_cbs(cbs):
+        fit_run(run, budget_start=t0)  # a --time-budget is each fold's own
+    out = {"seconds": time.perf_counter() - t0, "n_train": run.data.n_train, "n_valid": run.data.n_valid}
     if run.nan.bad_epoch is not None:
-        return {**out, "status": "nan", "valid_accuracy": None, "valid_loss": None}
+        return {**out, "valid_accuracy": None, "valid_loss": None}
     valid_loss, accuracy = kept_validation(run)  # with --patience: the epoch the trial would keep
-    return {**out, "status": "ok", "valid_accuracy": accuracy, "valid_loss": valid_loss}
+    return {**out, "valid_accuracy": accuracy, "valid_loss": valid_loss}
 
 
-def read_trials(path: Path) -> dict[tuple[str, int], dict]:
-    """Finished trials by (config key, fold); a half-written last line (a killed sweep) is ignored."""
-    done = {}
-    if path.exists():
-        for line in path.read_text().splitlines():
-            try:
-                t = json.loads(line)
-                done[(t["key"], t["fold"])] = t
-            except (json.JSONDecodeError, KeyError, TypeError):
-                continue
-    return done
+@dataclass
+class Objective:
+    """One optuna trial: one setting trained on every fold; its value the mean validation --monitor over them."""
 
+    base: TrainConfig
+    given: set[str]
+    space: list[Param]
+    folds: list[int]
+    sweep_dir: Path
+    prune: bool
+    log: Callable = print
+    ran: int = 0  # settings this worker trained
 
-def append_trial(path: Path, trial: dict) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(trial, default=str) + "\n")
-        f.flush()
-        os.fsync(f.fileno())  # a finished trial survives a crash or kill that follows
+    def __call__(self, trial: optuna.Trial) -> float:
+        values = {p.name: p.suggest(trial) for p in self.space}
+        label = f"[trial {trial.number}] {fmt_params(values)}"
+        if (twin := same_setting(trial)) is not None:
+            if twin.state == TrialState.COMPLETE:
+                trial.set_user_attr("same_as", twin.number)
+                self.log(f"{label}: trained in trial {twin.number}, its value reused")
+                return twin.value
+            raise optuna.TrialPruned(f"trial {twin.number} trains this setting")
+        try:
+            plan = resolve(self.base.replace(**values), self.given)
+        except ConfigError as e:
+            raise SweepError(f"{label} cannot be trained: {e}") from None
+        self.ran += 1
+        results: list[dict] = []
+        for fold in self.folds:
+            fold_plan = dataclasses.replace(plan, cfg=plan.cfg.replace(fold=fold))
+            cbs = [FastAIPruningCallback(FoldSteps(trial, fold), monitor=self.base.monitor)] if self.prune else []
+            r = run_fold(fold_plan, self.sweep_dir / "trials" / f"trial{trial.number:04d}-fold{fold}", cbs)
+            results.append(r)
+            where = f"{label} fold {fold + 1}/{len(self.folds)}"
+            trial.set_user_attr("seconds", sum(x["seconds"] for x in results))
+            trial.set_user_attr("n_train", r["n_train"])
+            trial.set_user_attr("n_valid", r["n_valid"])
+            if r["valid_accuracy"] is None:  # a diverged setting: not rankable, and its other folds would not help
+                self.log(f"{where}: NaN loss ({r['seconds']:.0f} s)")
+                trial.set_user_attr("status", "nan")
+                return float("nan")  # optuna marks the trial FAIL: never the best
+            trial.set_user_attr("fold_valid_accuracy", [x["valid_accuracy"] for x in results])
+            trial.set_user_attr("fold_valid_loss", [x["valid_loss"] for x in results])
+            self.log(f"{where}: valid accuracy {r['valid_accuracy']:.4f}, valid loss {r['valid_loss']:.4f} "
+                     f"({r['seconds']:.0f} s)")  # fmt: skip
+        key = "valid_accuracy" if self.base.monitor == "accuracy" else "valid_loss"
+        return statistics.fmean(x[key] for x in results)
 
 
 @dataclass
@@ -162,8 +248,9 @@ class SweepResult:
     sweep_dir: Path
     table: list[dict]
     best_command: str
-    ran: int
-    skipped: int
+    ran: int  # trials this call trained
+    skipped: int  # settings the study had finished before this call
+    study: optuna.Study
 
 
 def sweep(
@@ -173,13 +260,19 @@ def sweep(
     sweep_dir: str | Path | None = None,
     verbose: bool = True,
     explicit: Collection[str] = (),
+    *,
+    sampler: str | None = None,
+    n_trials: int = 0,
+    storage: str | None = None,
+    prune: bool = False,
 ) -> SweepResult:
-    """Train every planned configuration on every fold (or the hold-out) and rank them by mean validation accuracy.
+    """Run this worker's share of an optuna study: each trial is one setting trained on every fold (or the hold-out),
+    its value the mean validation --monitor over the folds; then write the table, plot and best command.
 
     Each trial is resolved as `scripts/train.py` resolves a run (recipe, --init-from; `explicit`: the options the
     user gave, which a recipe leaves alone) and trained with its steps, its time budget included. Trials keep no
     checkpoints unless --checkpoint is given. --tta is a test-time option: trials never see the test set, and the
-    best command keeps it."""
+    best command keeps it. `n_random` is the short form of `sampler="random", n_trials=n_random`."""
     if base.valid == "test":
         raise SweepError(
             "--valid test would select on the test set: a sweep uses --folds K or the --valid-pct hold-out"
@@ -188,188 +281,61 @@ def sweep(
         raise SweepError("--resume continues one run; rerun the same sweep command to resume a sweep")
     if base.lr_find:
         raise SweepError("--lr-find is a one-off probe: run it with scripts/train.py")
+    sampler, n_trials = sampler_choice(sampler, n_random, n_trials)
+    space = search_space(params, sampler)
     asked = base  # what the best command reproduces
     if "checkpoint" not in explicit:
         base = base.replace(checkpoint=False)  # a full checkpoint per trial fills the disk and is never resumed
-    space = [parse_param(p) for p in params]
-    configs = plan(space, n_random, base.seed)
     given = {*explicit, *(p.name for p in space)}
-    try:  # every trial's settings are checked now, not after an hour of other trials
-        plans = [resolve(base.replace(**values), given) for values in configs]
+    grid = grid_points(space) if sampler == "grid" else None
+    # every grid point (or every listed value and range end) is checked now, not after an hour of other trials
+    probes = grid or [{p.name: v} for p in space for v in (p.values or (p.low, p.high))]
+    try:
+        for values in probes:
+            resolve(base.replace(**values), given)
     except ConfigError as e:
-        raise SweepError(f"a planned trial cannot be trained: {e}") from None
+        raise SweepError(f"a trial of this sweep cannot be trained: {e}") from None
+
     sweep_dir = Path(sweep_dir or Path(base.out) / (base.name or "sweep"))
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    trials_path = sweep_dir / "trials.jsonl"
-    done = read_trials(trials_path)
+    url = storage or f"sqlite:///{(sweep_dir / 'study.db').resolve()}"
     folds = list(range(base.folds)) if base.folds else [0]
     log = print if verbose else (lambda *a, **k: None)
+    study, requeued = open_study(url, sweep_dir.name, asked, space, prune)
+    before = study.get_trials(deepcopy=False)
+    study.sampler = make_sampler(sampler, space, base.seed, len(before))
+    skipped = len({json.dumps(t.params, sort_keys=True) for t in before if t.state == TrialState.COMPLETE})
+    size = f"{len(grid)} grid point(s)" if grid is not None else f"{n_trials} setting(s)"
+    validation = f"{base.folds}-fold cross-validation" if base.folds else f"hold-out {base.valid_pct:g}"
     log(
-        f"sweep {sweep_dir}: {len(configs)} configuration(s) x {len(folds)} fold(s); validation: "
-        + (
-            f"{base.folds}-fold cross-validation of the training images"
-            if base.folds
-            else f"hold-out {base.valid_pct:g}"
-        )
+        f"sweep {sweep_dir}: {sampler} search, {size} x {len(folds)} fold(s), validation: {validation} of the "
+        f"training images; study {sweep_dir.name!r} in {url}"
+        + (f"; {skipped} setting(s) done before" if skipped else "")
+        + (f", {requeued} interrupted trial(s) queued again" if requeued else "")
     )
-    ran = skipped = 0
-    for i, (values, trial_plan) in enumerate(zip(configs, plans), 1):
-        cfg = trial_plan.cfg
-        key = config_key(cfg)
-        for fold in folds:
-            label = f"[{i}/{len(configs)}] {fmt_params(values)} fold {fold + 1}/{len(folds)}"
-            if (key, fold) in done:
-                skipped += 1
-                log(f"{label}: done before, skipped")
-                continue
-            trial_cfg = cfg.replace(fold=fold)
-            fold_plan = dataclasses.replace(trial_plan, cfg=trial_cfg)
-            result = run_trial(fold_plan, sweep_dir / "trials" / f"{key}-fold{fold}")
-            trial = {"key": key, "fold": fold, "params": values, "config": trial_cfg.to_dict(), **result}
-            append_trial(trials_path, trial)
-            done[(key, fold)] = trial
-            ran += 1
-            acc = "NaN loss" if trial["valid_accuracy"] is None else f"valid accuracy {trial['valid_accuracy']:.4f}"
-            log(f"{label}: {acc} ({trial['seconds']:.0f} s)")
-    table = summarize(configs, [config_key(p.cfg) for p in plans], folds, done)
-    best = train_command(asked.replace(**table[0]["params"])) if table and table[0]["mean"] is not None else ""
-    write_outputs(sweep_dir, asked, table, best, space)
-    log(
-        f"best: {fmt_params(table[0]['params'])}  mean valid accuracy {table[0]['mean']:.4f} +- {table[0]['std']:.4f}"
-        if best
-        else "no configuration finished without NaN loss"
-    )
-    log(f"train it: {best}" if best else "")
+    objective = Objective(base, given, space, folds, sweep_dir, prune, log)
+
+    def stop_when_done(study: optuna.Study, _trial: FrozenTrial) -> None:
+        if not work_left(study, grid, n_trials):
+            study.stop()
+
+    with quiet():
+        if work_left(study, grid, n_trials):
+            study.optimize(objective, callbacks=[stop_when_done])
+        trials = study.get_trials(deepcopy=False)
+    table = summarize(study, [p.name for p in space])
+    best = train_command(asked.replace(**table[0]["params"])) if table and table[0]["state"] == "ok" else ""
+    write_outputs(sweep_dir, asked, table, best, [p.name for p in space], url)
+    if best:
+        r = table[0]
+        spread = "" if r["std"] is None else f" +- {r['std']:.4f} over {r['folds']} folds"
+        log(f"best: {fmt_params(r['params'])}  mean valid accuracy {r['mean']:.4f}{spread} (trial {r['trial']})")
+        log(f"train it: {best}")
+    else:
+        log("no setting has finished without NaN loss yet")
+    busy = sum(1 for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING))
+    if busy:
+        log(f"{busy} trial(s) still running in another worker or queued; a killed worker's trial is queued again "
+            f"{GRACE_S} s after its last heartbeat: rerun this command then")  # fmt: skip
     log(f"results: {sweep_dir / 'results.md'}, results.csv, sweep.png, best_command.txt")
-    return SweepResult(sweep_dir, table, best, ran, skipped)
-
-
-# -------------------------------------------------------------------------------------------------------- outputs
-def fmt_params(values: dict) -> str:
-    return " ".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in values.items()) or "(base config)"
-
-
-def summarize(configs: list[dict], keys: list[str], folds: list[int], done: dict) -> list[dict]:
-    """One row per configuration: mean and sample standard deviation of validation accuracy over its folds."""
-    rows = []
-    for values, key in zip(configs, keys):
-        trials = [done[(key, f)] for f in folds if (key, f) in done]
-        accs = [t["valid_accuracy"] for t in trials if t["valid_accuracy"] is not None]
-        losses = [t["valid_loss"] for t in trials if t["valid_loss"] is not None]
-        mean = sum(accs) / len(accs) if accs and len(accs) == len(trials) else None  # any NaN fold: not rankable
-        std = (
-            (sum((a - mean) ** 2 for a in accs) / (len(accs) - 1)) ** 0.5 if mean is not None and len(accs) > 1 else 0.0
-        )
-        rows.append({
-            "key": key,
-            "params": values,
-            "mean": mean,
-            "std": std,
-            "folds": len(trials),
-            "fold_accuracies": accs,
-            "mean_valid_loss": sum(losses) / len(losses) if losses else None,
-            "seconds": round(sum(t["seconds"] for t in trials), 1),
-        })  # fmt: skip
-    rows.sort(key=lambda r: -1 if r["mean"] is None else r["mean"], reverse=True)
-    return rows
-
-
-def train_command(cfg: TrainConfig) -> str:
-    """`python scripts/train.py ...` with every option that differs from the defaults (folds dropped: train on all)."""
-    args = ["python", "scripts/train.py"]
-    for f in dataclasses.fields(TrainConfig):
-        value = getattr(cfg, f.name)
-        if f.name in ("folds", "fold", "name", "out", "lr_find") or value == getattr(DEFAULTS, f.name) or value is None:
-            continue
-        opt = "--" + f.name.replace("_", "-")
-        if isinstance(value, bool):
-            args.append(opt if value else "--no-" + f.name.replace("_", "-"))
-        else:
-            text = short(value) if isinstance(value, float) else str(value)
-            if "parser" in f.metadata and float(round(value * 255)) / 255 == value:
-                text = f"{round(value * 255)}/255"  # pixel amounts as written: --eps 4/255
-            args += [opt, text]
-    return " ".join(shlex.quote(a) for a in args)
-
-
-def short(value: float) -> str:
-    """3e-3 as '0.003', yet 8/255 exactly: `train.py` must get the very value that was searched."""
-    return f"{value:g}" if float(f"{value:g}") == value else repr(value)
-
-
-def write_outputs(sweep_dir: Path, base: TrainConfig, table: list[dict], best: str, space: list[Param]) -> None:
-    names = [p.name for p in space]
-    header = ["rank", *names, "mean_valid_accuracy", "std_valid_accuracy", "folds", "mean_valid_loss", "seconds", "key"]
-    lines = [",".join(header)]
-    md = [
-        f"# Sweep `{sweep_dir}`",
-        "",
-        "Validation: "
-        + (
-            f"{base.folds}-fold cross-validation of the training images (seed {base.seed})"
-            if base.folds
-            else f"seeded hold-out of {base.valid_pct:g} of the training images"
-        )
-        + ". The test set is never used. Mean and sample standard deviation of the final-epoch validation accuracy.",
-        "",
-        f"Base: `{train_command(base)}`",
-        "",
-        "| rank | " + " | ".join(names) + " | valid accuracy (mean +- std) | folds | seconds |",
-        "|---" * (len(names) + 4) + "|",
-    ]
-    for rank, r in enumerate(table, 1):
-        vals = [r["params"][n] for n in names]
-        num = lambda v: "" if v is None else f"{v:.6g}"
-        lines.append(
-            ",".join(
-                map(
-                    str,
-                    [
-                        rank,
-                        *vals,
-                        num(r["mean"]),
-                        num(r["std"]),
-                        r["folds"],
-                        num(r["mean_valid_loss"]),
-                        r["seconds"],
-                        r["key"],
-                    ],
-                )
-            )
-        )
-        acc = "NaN loss" if r["mean"] is None else f"{r['mean']:.4f} +- {r['std']:.4f}"
-        md.append(f"| {rank} | " + " | ".join(map(str, vals)) + f" | {acc} | {r['folds']} | {r['seconds']:.0f} |")
-    md += [
-        "",
-        "Best configuration, ready to train on all training images:",
-        "",
-        "```bash",
-        best or "# none",
-        "```",
-        "",
-        "![sweep](sweep.png)",
-        "",
-    ]
-    (sweep_dir / "results.csv").write_text("\n".join(lines) + "\n")
-    (sweep_dir / "results.md").write_text("\n".join(md))
-    (sweep_dir / "best_command.txt").write_text(best + "\n")
-    plot(sweep_dir / "sweep.png", table)
-
-
-def plot(path: Path, table: list[dict]) -> Path:
-    """Mean +- std validation accuracy per configuration (best on top), every fold's accuracy as a dot."""
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in table if r["mean"] is not None][::-1]
-    fig, ax = plt.subplots(figsize=(8, 0.45 * len(rows) + 1.5), dpi=100)
-    ys = range(len(rows))
-    ax.barh(list(ys), [r["mean"] for r in rows], xerr=[r["std"] for r in rows], color="tab:blue", alpha=0.6, capsize=3)
-    for y, r in zip(ys, rows):
-        ax.plot(r["fold_accuracies"], [y] * len(r["fold_accuracies"]), "k.", ms=4)
-    ax.set_yticks(list(ys), [fmt_params(r["params"]) for r in rows], fontsize=8)
-    ax.set_xlabel("validation accuracy (mean +- std over folds; dots: folds)")
-    ax.set_title(path.parent.name)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return SweepResult(sweep_dir, table, best, objective.ran, skipped, study)

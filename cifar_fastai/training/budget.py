@@ -113,6 +113,8 @@ class TimeBudget(Callback):
     `FITTED_TOLERANCE`: how much an estimate from smaller sizes may be over before it counts)."""
 
     order = -20  # before TrainEvalCallback: the cancelled epoch starts nothing (no flip phase, no history row)
+    # predictions fetched inside the fit (the EMA's validation) are timed by the pass around them
+    remove_on_fetch = True
 
     def __init__(
         self, budget_s: float, start: float, size: int, progressive: int = 0, n_valid: int = 1, n_test: int = 0,

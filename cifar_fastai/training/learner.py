@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from urllib.error import URLError
 
 import fastai.callback.schedule  # noqa: F401 - patches fit_one_cycle, fine_tune, lr_find onto Learner
 from fastai.learner import Learner
 from fastai.metrics import accuracy, error_rate
+from fastai.optimizer import SGD
 from fastai.vision.learner import default_split, model_meta, vision_learner
 
 from ..callbacks.fast import WhitenInit
@@ -44,10 +46,17 @@ def norm_stats(cfg: TrainConfig, arch: Arch | None = None) -> tuple[list[float],
 
 
 def opt_settings(cfg: TrainConfig) -> dict:
-    """fastai's AdamW with `--wd`, or Muon + Nesterov SGD, whose groups carry their own weight decay (`TrainConfig`
-    has already refused Muon where it does not apply)."""
+    """fastai's AdamW with `--wd`; Muon + Nesterov SGD, whose groups carry their own weight decay (`TrainConfig`
+    has already refused Muon where it does not apply); or fastai's SGD with momentum and L2 weight decay."""
     if cfg.optimizer == "muon":
         return {"opt_func": muon_opt(cfg.bs, cfg.base_lr), "wd": None}
+    if cfg.optimizer == "sgd":
+        # what the CIFAR ResNet tutorials and He et al. 2015 run, torch's SGD(momentum=, weight_decay=): the decay is
+        # L2 (added to the gradient, so it passes through the momentum) and applies to every parameter, BatchNorm
+        # and biases included (fastai's default, wd_bn_bias=False, would skip them). wd in the partial too, so the
+        # optimizer carries it from create_opt on, not only once `fit` sets it.
+        sgd = partial(SGD, mom=cfg.momentum, wd=cfg.wd, decouple_wd=False)
+        return {"opt_func": sgd, "wd": cfg.wd, "wd_bn_bias": True}
     return {"wd": cfg.wd}
 
 

@@ -1,4 +1,4 @@
-"""Named training recipes (`--recipe quick|fast|long`, and the baseline `record`): option values chosen together.
+"""Named training recipes (`--recipe quick|fast|long|he2015`, and the baseline `record`): option values chosen together.
 
 A recipe fills in every option the user did not set; options given on the command line win. Each choice below is
 either measured (docs/speed.md has the runs and their commands) or a cited trick, most of them from the CIFAR-10
@@ -64,6 +64,15 @@ RECIPES = {
         # and the whitening bias on the common schedule until it freezes
         Recipe("record", "the CIFAR-10 speed record's recipe (airbench94_muon: its net, batch 2,000, 8 epochs at 32 px): the baseline",
                {**_COMMON, "arch": "airbench94", "width": 1.0, "bs": 2000, "lr": 0.24, "epochs": 8}),
+        # He et al. 2015, "Deep Residual Learning for Image Recognition", sec. 4.2: SGD lr 0.1, momentum 0.9, weight
+        # decay 1e-4, batch 128, the rate /10 at 32k and 48k iterations, end at 64k; 4-px pad + 32x32 crop, flip;
+        # no label smoothing, no TTA. 64k iterations at batch 128 are 164 epochs of all 50k training images, the set
+        # the paper's test errors train on (182 epochs of its 45k/5k split, where it chose them); with our default
+        # hold-out (45k) 164 epochs are ~58k iterations. Not included: resnet110's 0.01 warm-up for 400 iterations.
+        Recipe("he2015", "He et al. 2015's CIFAR ResNet recipe: resnet20, SGD 0.1 momentum 0.9 wd 1e-4, batch 128, 164 epochs, rate /10 at 50% and 75%",
+               {"arch": "resnet20", "optimizer": "sgd", "lr": 0.1, "momentum": 0.9, "wd": 1e-4, "bs": 128,
+                "schedule": "step", "lr_steps": "0.5,0.75", "epochs": 164, "crop_pad": 4, "label_smoothing": 0.0,
+                "precision": "auto"}),
     )
 }  # fmt: skip
 

@@ -1,4 +1,4 @@
-"""Resolve what the user asked for into the settings a run uses: recipe, --resume, --init-from, arch, input stats.
+"""Resolve what the user asked for into the settings a run uses: recipe, --resume, --config, --init-from, arch, stats.
 
 Every entry point (train, lr_find, sweep, compare, the transfer study, the benchmarks) calls `resolve` once and
 passes the result on, so the same settings train the same way wherever they come from.
@@ -6,14 +6,17 @@ passes the result on, so the same settings train the same way wherever they come
 
 from __future__ import annotations
 
+import json
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from ..callbacks.checkpoint import LAST, checkpoint_dir, load_checkpoint, trim_history
-from ..config import DEFAULTS, TrainConfig
+from ..config import DEFAULTS, FIELD_NAMES, TrainConfig
 from ..errors import ConfigError, WeightsError
 from ..models import Arch, get_arch
+from ..utils import versions
 from .learner import norm_stats
 from .recipes import apply_recipe
 from .weights import run_weights
@@ -68,7 +71,46 @@ def resume_run(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     if ignored:
         print(f"note: --resume uses the run's saved config; ignoring {' '.join(ignored)}")
     trim_history(run_dir / "history.csv", meta["epochs_done"])
+    print(f"resuming {run_dir.name} at epoch {meta['epochs_done'] + 1} of {saved.epochs} from {last}")
     return saved.replace(resume=str(run_dir), name=run_dir.name, out=str(run_dir.parent)), run_dir
+
+
+def rerun_config(path: str | Path, given: dict[str, Any], explicit: Collection[str]) -> TrainConfig:
+    """`--config runs/<name>/config.json`: that run's settings again, the options given on the command line
+    (`explicit`, values in `given`) winning, under a new run name unless --name is given. Prints one line for each
+    library version that differs from the one the run recorded.
+
+    Resolve the result with every option counted as given: the saved settings are the resolved ones, a recipe's
+    choices already in them (re-applying it would change an option the first run set to its default value)."""
+    explicit = set(explicit) & FIELD_NAMES
+    if "resume" in explicit:
+        raise ConfigError("--config starts a new run from a saved one; --resume continues a run: pass one of them")
+    if "recipe" in explicit:
+        raise ConfigError("--config already holds the settings its recipe chose: drop --recipe")
+    saved = TrainConfig.from_json(path)  # a missing or garbled file: one ConfigError line
+    settings = saved.to_dict()
+    # what resolving the first run added follows from the rest again: --init-from's weights file (resolve_init_from
+    # refuses it given twice), the folder a resumed run continued in, the run's name
+    settings.update(name=None, resume=None, weights=None if saved.init_from else saved.weights)
+    settings.update({k: given[k] for k in explicit})
+    for line in version_differences(path):
+        print(line)
+    return TrainConfig(**settings)
+
+
+def version_differences(path: str | Path) -> list[str]:
+    """One line per library whose installed version is not the one a run's config.json recorded."""
+    path = Path(path).expanduser()
+    raw = json.loads((path / "config.json" if path.is_dir() else path).read_text())
+    recorded = raw.get("versions")
+    if not isinstance(recorded, dict):  # a file of bare settings records none
+        recorded = {}
+    installed = versions()
+    return [
+        f"note: {path} was made with {name} {version}; installed: {installed.get(name, 'none')}"
+        for name, version in recorded.items()
+        if installed.get(name) != version
+    ]
 
 
 @dataclass(frozen=True)

@@ -7,30 +7,33 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import itertools
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from fastai.callback.schedule import ParamScheduler, SchedLin
+from fastai.callback.schedule import ParamScheduler, SchedCos, SchedLin, SchedNo, combine_scheds
 from fastai.learner import Learner
 from fastai.torch_core import set_seed
 from fastcore.basics import noop
 
 from ..callbacks.adversarial import adversarial_callback
 from ..callbacks.checkpoint import RestoreBest
+from ..callbacks.ema import ModelEma
 from ..callbacks.fast import AlternateFlip, Lookahead, ProgressiveResize
 from ..callbacks.finetune_report import FineTuneReport
 from ..callbacks.monitor import monitor_callbacks
 from ..callbacks.progress import HistoryLogger, PlainProgress, StopOnNaN, Throughput
 from ..callbacks.regularize import regularization_callbacks
+from ..callbacks.select import SelectHard
 from ..config import TrainConfig
 from ..data.loaders import CifarData, get_data, inference_dls
 from ..data.transforms import input_size
 from ..deploy.safe import save_model
 from ..errors import CifarFastaiError, TrainingError
-from ..evaluation.report import TTA_VIEWS, Interpretation, tta_accuracy
+from ..evaluation.report import TTA_VIEWS, Interpretation, tta_result
 from ..utils import versions, write_json
 from . import distributed, hardware
 from .budget import TimeBudget, process_start
@@ -61,6 +64,8 @@ class Run:
     nan: StopOnNaN = field(default_factory=StopOnNaN)
     budget: TimeBudget | None = None
     kept: RestoreBest | None = None
+    ema: ModelEma | None = None
+    tta_marked: int | None = None  # test images that got the extra TTA views (--tta-select)
 
     @property
     def cfg(self) -> TrainConfig:
@@ -143,20 +148,39 @@ def run_callbacks(cfg: TrainConfig, run_dir: Path, start: float | None = None) -
         cbs.append(AlternateFlip())
     if cfg.progressive:
         cbs.append(ProgressiveResize(cfg.progressive, cfg.size, cfg.shares))
+    if cfg.select < 1:  # the net trains on the highest-loss share of each batch (airbench96_faster)
+        cbs.append(SelectHard(cfg.select))
     if cfg.lookahead:
         cbs.append(Lookahead())
+    if cfg.ema:
+        cbs.append(ModelEma(cfg.ema))
     return cbs
+
+
+def lr_schedule(cfg: TrainConfig):
+    """The rate as a function of the fraction of training done (fastai's schedule functions), from the full rate:
+    'linear' to 0 (airbench94_muon), 'cosine' to 0, 'step' divided by 10 at each of `cfg.steps` (He et al. 2015)."""
+    lr = cfg.base_lr
+    if cfg.schedule == "linear":
+        return SchedLin(lr, 0.0)
+    if cfg.schedule == "cosine":
+        return SchedCos(lr, 0.0)
+    edges = (0.0, *cfg.steps)
+    pcts = [b - a for a, b in itertools.pairwise(edges)]
+    pcts.append(1.0 - sum(pcts))  # combine_scheds wants shares that sum to exactly 1
+    return combine_scheds(pcts, [SchedNo(lr / 10**i, lr / 10**i) for i in range(len(pcts))])
 
 
 def fit(learn: Learner, cfg: TrainConfig, cbs: list) -> None:
     """Pretrained weights -> `fine_tune` (frozen head, then discriminative rates); from scratch -> `fit_one_cycle`,
-    or `--schedule linear`: the full rate decaying linearly to 0 (airbench94_muon; fastai's `SchedLin`)."""
+    or `--schedule linear|cosine|step`: `fit` with a `ParamScheduler` on the rate alone (`lr_schedule`), so the
+    optimizer's momentum stays as set (SGD's --momentum; Muon's groups' own)."""
     if cfg.fine_tuning:
         fine_tune(learn, cfg, cbs)  # fastai's fine_tune with the freezing choice (finetune.py)
-    elif cfg.schedule == "linear":
-        learn.fit(cfg.epochs, cfg.base_lr, cbs=[*cbs, ParamScheduler({"lr": SchedLin(cfg.base_lr, 0.0)})])
-    else:
+    elif cfg.schedule == "one_cycle":
         learn.fit_one_cycle(cfg.epochs, cfg.base_lr, cbs=cbs)
+    else:
+        learn.fit(cfg.epochs, cfg.base_lr, cbs=[*cbs, ParamScheduler({"lr": lr_schedule(cfg)})])
 
 
 # ------------------------------------------------------------------------------------------------ the steps
@@ -181,17 +205,22 @@ def start(plan: Resolved, verbose: bool, t0: float, run_dir: Path | None = None)
 
 def fit_run(run: Run, budget_start: float | None = None) -> None:
     """Fit with the run's callbacks and its time budget (counted from `budget_start`, by default this process's
-    start: the wall time a user waits includes the imports). A NaN loss stops the fit: see `check_finite`."""
+    start: the wall time a user waits includes the imports). A NaN loss stops the fit: see `check_finite`. With --ema
+    the run then keeps the weight average instead of the trained weights if it validates better."""
     cfg = run.cfg
     run.cbs = [run.timer, run.nan, *run_callbacks(cfg, run.run_dir, start=run.t0)]
     if cfg.time_budget:  # the recipes' wall-time targets on a host whose speed drifts
         start_s = process_start() if budget_start is None else budget_start
+        passes = 1 + (len(TTA_VIEWS) - 1) * cfg.tta_select if cfg.tta else 1  # the extra views: --tta-select's share
         run.budget = TimeBudget(cfg.time_budget, start_s, cfg.size, cfg.progressive, run.data.n_valid,
-                                run.data.n_test, test_passes=len(TTA_VIEWS) if cfg.tta else 1,
+                                run.data.n_test, test_passes=passes,
                                 shares=cfg.shares)  # fmt: skip
         run.cbs.append(run.budget)
     fit(run.learn, cfg, run.cbs)
     run.kept = next((cb for cb in run.cbs if isinstance(cb, RestoreBest)), None)  # with --patience
+    run.ema = next((cb for cb in run.cbs if isinstance(cb, ModelEma)), None)
+    if run.ema is not None and run.nan.bad_epoch is None:  # against the trained weights RestoreBest kept, if any
+        run.ema.keep_better(run.learn, kept_validation(run), cfg.monitor)
 
 
 def check_finite(run: Run) -> None:
@@ -204,7 +233,10 @@ def check_finite(run: Run) -> None:
 
 def kept_validation(run: Run) -> tuple[float, float]:
     """Validation loss and accuracy of the weights the run keeps: the last epoch's, or with early stopping the best
-    epoch's (after --resume read from history.csv when that epoch ran before the interruption)."""
+    epoch's (after --resume read from history.csv when that epoch ran before the interruption); with --ema the
+    average's, when the run keeps it."""
+    if run.ema is not None and run.ema.kept == "ema":
+        return run.ema.valid
     row = run.learn.recorder.values[-1]
     if run.kept is not None and run.kept.restored:
         if run.kept.best_row is not None:
@@ -221,7 +253,11 @@ def test_run(run: Run) -> tuple[Interpretation, float | None]:
     rank predicts its shard and fastai gathers them (its to_detach all-gathers whenever WORLD_SIZE > 1)."""
     ev = hardware.callbacks(run.cfg)
     interp = Interpretation.from_dl(run.learn, run.data.test_dl, run.data.vocab, ev)
-    tta = tta_accuracy(run.learn, run.data.test_dl, ev, interp.logits) if run.cfg.tta else None
+    tta = None
+    if run.cfg.tta:  # the extra views for the --tta-select share of uncertain images (all of them at 1)
+        tta, run.tta_marked = tta_result(
+            run.learn, run.data.test_dl, run.cfg.tta_select, ev, interp.logits, interp.targs
+        )
     return interp, tta
 
 
@@ -244,8 +280,11 @@ def export_run(run: Run, interp: Interpretation) -> None:
 
 
 def summarize(run: Run, valid: tuple[float, float], interp: Interpretation, tta: float | None) -> dict:
-    """metrics.json: validation of the kept weights, the test set once, and how the run went."""
+    """metrics.json: validation of the kept weights, the test set once, and how the run went (after --resume: the
+    whole run, both parts, and where it was resumed)."""
     test, kept = interp.summary(), run.kept
+    select = next((cb for cb in run.cbs if isinstance(cb, SelectHard)), None)
+    history = next((cb for cb in run.cbs if isinstance(cb, HistoryLogger)), None)  # rank 0's: the run's clock
     return {
         "valid_loss": valid[0],
         "valid_accuracy": valid[1],
@@ -255,11 +294,14 @@ def summarize(run: Run, valid: tuple[float, float], interp: Interpretation, tta:
         "most_confused": test["most_confused"],
         "validation": run.info["resolved"]["validation"],
         "n_test": test["n"],
-        **({"test_accuracy_tta": tta} if tta is not None else {}),
+        **({"test_accuracy_tta": tta, "test_tta_extra_view_images": run.tta_marked} if tta is not None else {}),
         **({"time_budget": run.budget.summary()} if run.budget is not None else {}),
         **({"early_stopping": {"epochs_run": kept.seen, "kept_epoch": kept.best_epoch}} if kept and kept.best_epoch else {}),
+        **({"ema": run.ema.summary()} if run.ema is not None else {}),
+        **({"select": select.summary()} if select is not None else {}),
         "skipped_files": [p for p, _ in run.data.bad],
-        "wall_seconds": time.perf_counter() - run.t0,
+        "wall_seconds": history.elapsed() if history is not None else time.perf_counter() - run.t0,
+        **({"resumed": history.resumed} if history is not None and history.resumed else {}),
         **distributed.global_throughput(run.timer.stats()),
     }
 
@@ -294,6 +336,13 @@ def report(run: Run, metrics: dict) -> None:
     kept, tta = run.kept, metrics.get("test_accuracy_tta")
     if kept is not None and kept.restored:
         run.log(f"early stopping: the weights of epoch {kept.best_epoch} of {kept.seen} (best validation {run.cfg.monitor}) are kept")
+    if run.ema is not None:
+        ema = metrics["ema"]
+        which = "the weight average" if ema["kept"] == "ema" else "the trained weights, not their average"
+        run.log(
+            f"--ema: kept {which}: validation accuracy {ema['valid_accuracy_ema']:.4f}, loss {ema['valid_loss_ema']:.4f} "
+            f"averaged; {ema['valid_accuracy_raw']:.4f}, {ema['valid_loss_raw']:.4f} trained"
+        )
     run.log(
         f"valid accuracy {metrics['valid_accuracy']:.4f}  test accuracy {metrics['test_accuracy']:.4f}  "
         + (f"test accuracy with TTA {tta:.4f}  " if tta is not None else "")
@@ -320,8 +369,9 @@ def get_learner(data: str = "sample", arch: str = "resnet18", **settings) -> Lea
     return learn
 
 
-def lr_find(cfg: TrainConfig | Resolved, verbose: bool = True) -> RunResult:
-    """`learn.lr_find()` on the configured data and model; saves lr_find.png and returns the suggestions."""
+def lr_find(cfg: TrainConfig | Resolved, verbose: bool = True, num_it: int = 100) -> RunResult:
+    """`learn.lr_find()` on the configured data and model; saves lr_find.png and returns the suggestions.
+    `num_it`: fastai's number of rates tried (its default, 100)."""
     import matplotlib.pyplot as plt
     from fastai.callback.schedule import minimum, slide, steep, valley
 
@@ -335,7 +385,7 @@ def lr_find(cfg: TrainConfig | Resolved, verbose: bool = True) -> RunResult:
     # schedule's peak rate is used (one stage from start to start)
     probe = [*hardware.callbacks(cfg), *([ProgressiveResize(cfg.progressive, cfg.progressive)] if cfg.progressive else [])]
     with learn.added_cbs(probe):
-        res = learn.lr_find(suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
+        res = learn.lr_find(num_it=num_it, suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
     plt.savefig(run_dir / "lr_find.png", bbox_inches="tight")
     plt.close("all")
     suggestions = {k: float(v) for k, v in res._asdict().items()}

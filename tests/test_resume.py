@@ -1,0 +1,94 @@
+"""--resume continues the run's records too: smoothed train loss, elapsed time, wall seconds and throughput."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import time
+
+import pytest
+from fastai.callback.core import Callback
+
+from cifar_fastai import TrainConfig
+from cifar_fastai.errors import TrainingError
+from cifar_fastai.training.run import train
+
+TINY = {"arch": "tiny", "bs": 16, "lr": 1e-2, "threads": 1}
+SLOW_START_S = 1.5  # the first part's clock is well ahead of a fresh process's when the run resumes
+
+
+class SlowStartThenInterrupt(Callback):
+    """A slow first part, then Ctrl-C right after epoch 1 was checkpointed."""
+
+    order = 99  # after Checkpoint wrote last.pth
+
+    def before_fit(self):
+        time.sleep(SLOW_START_S)
+
+    def after_epoch(self):
+        raise KeyboardInterrupt
+
+
+def history(run_dir) -> list[dict]:
+    return list(csv.DictReader((run_dir / "history.csv").read_text().splitlines()))
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_data, tmp_path_factory):
+    """The same 3-epoch run twice: uninterrupted, and interrupted after epoch 1 then resumed."""
+    import cifar_fastai.training.run as train_module
+
+    out = tmp_path_factory.mktemp("resume")
+    whole = train(TrainConfig(data=str(tiny_data), epochs=3, out=str(out), name="whole", **TINY), verbose=False)
+    run_callbacks = train_module.run_callbacks
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "run_callbacks", lambda *a, **k: [*run_callbacks(*a, **k), SlowStartThenInterrupt()])
+        with pytest.raises(TrainingError, match="interrupted"):
+            train(TrainConfig(data=str(tiny_data), epochs=3, out=str(out), name="cut", **TINY), verbose=False)
+    first = history(out / "cut")
+    t, printed = time.perf_counter(), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        resumed = train(TrainConfig(resume=str(out / "cut")), verbose=False)
+    return whole, resumed, first, time.perf_counter() - t, printed.getvalue()
+
+
+def test_history_of_a_resumed_run_is_the_uninterrupted_ones(runs):
+    whole, resumed, first, *_ = runs
+    assert len(first) == 1, "interrupted after epoch 1"
+    rows, expected = history(resumed.run_dir), history(whole.run_dir)
+    assert [r["epoch"] for r in rows] == ["0", "1", "2"]
+    # the smoothed train loss goes on from the checkpoint's average instead of restarting (fastai's AvgSmoothLoss)
+    assert [float(r["train_loss"]) for r in rows] == pytest.approx([float(r["train_loss"]) for r in expected], rel=1e-4)
+    assert [float(r["valid_loss"]) for r in rows] == pytest.approx([float(r["valid_loss"]) for r in expected], rel=1e-4)
+
+
+def test_elapsed_time_goes_on_across_the_resume(runs):
+    _, resumed, first, resume_s, _ = runs
+    elapsed = [float(r["elapsed_s"]) for r in history(resumed.run_dir)]
+    assert elapsed[0] == float(first[0]["elapsed_s"]) >= SLOW_START_S, "the first part's row is kept as it was"
+    assert elapsed[0] < elapsed[1] < elapsed[2], "the clock goes on from the first part's, not from 0"
+    assert elapsed[2] - elapsed[0] < resume_s + 0.2, "between them: only the resumed part's time"
+
+
+def test_metrics_say_resumed_and_cover_both_parts(runs):
+    whole, resumed, first, resume_s, _ = runs
+    metrics = resumed.metrics
+    assert json.loads((resumed.run_dir / "metrics.json").read_text())["resumed"] == metrics["resumed"]
+    (entry,) = metrics["resumed"]
+    assert entry["at_epoch"] == 2 and entry["elapsed_s"] >= float(first[0]["elapsed_s"])
+    assert "resumed" not in whole.metrics
+    # wall seconds: the first part up to its checkpoint, plus the whole resumed process
+    assert metrics["wall_seconds"] >= entry["elapsed_s"] + resume_s - 0.5
+    # throughput counts every epoch's training images, the first part's too
+
+    def images(m):
+        return round(m["train_images_per_s"] * m["train_seconds"])
+
+    assert images(metrics) == images(whole.metrics) > 0
+
+
+def test_resume_says_where_it_starts(runs):
+    *_, printed = runs
+    assert sum(line.startswith("resuming cut at epoch 2 of 3 from ") for line in printed.splitlines()) == 1
