@@ -16,6 +16,19 @@ from PIL import Image
 os.environ.setdefault("CIFAR_FASTAI_CACHE", tempfile.mkdtemp(prefix="cifar_fastai_cache_"))
 os.environ.setdefault("MPLBACKEND", "Agg")
 
+
+
+def _own_cores() -> None:
+    """Under pytest-xdist, each worker gets its share of the cores: the project sizes torch's threads from the cores
+    a process may use, so two workers on two cores run a thread each instead of four threads fighting."""
+    worker, n = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if worker and n > 1 and hasattr(os, "sched_setaffinity"):
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) >= n:
+            os.sched_setaffinity(0, cores[int(worker.removeprefix("gw")) :: n])
+
+
+_own_cores()
 REPO = Path(__file__).resolve().parents[1]
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 # One distinct RGB colour per class: a tiny CNN separates them within an epoch.
@@ -60,7 +73,9 @@ def tiny_run(tiny_data, tmp_path_factory) -> Path:
     from cifar_fastai.training.run import train
 
     out = tmp_path_factory.mktemp("runs")
-    cfg = TrainConfig(data=str(tiny_data), arch="tiny", epochs=2, bs=16, lr=1e-2, out=str(out), name="tiny")
+    # pinned: 'auto' would pick a GPU where there is one and bf16 from this CPU's flags, so the run would differ by host
+    cfg = TrainConfig(data=str(tiny_data), arch="tiny", epochs=2, bs=16, lr=1e-2, out=str(out), name="tiny",
+                      device="cpu", precision="fp32")  # fmt: skip
     return train(cfg, verbose=False).run_dir
 
 
@@ -70,3 +85,14 @@ def run_script(*args: str, cwd: Path | None = None, timeout: int = 300) -> subpr
     return subprocess.run(  # the caller asserts on the return code, so no check=True
         [sys.executable, *args], cwd=cwd or REPO, env=env, capture_output=True, text=True, timeout=timeout, check=False
     )
+
+
+# The longest files first: pytest-xdist hands out whole files (--dist loadfile) in collection order, so a long file
+# collected last would leave one worker running it alone while the other waits.
+LONGEST_FIRST = ["test_docs.py", "test_recipes.py", "test_distributed.py", "test_cifar_resnets.py", "test_sweep.py",
+                 "test_notebook.py", "test_toolkit.py", "test_demo.py", "test_finetune.py"]  # fmt: skip
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: each file keeps its own order

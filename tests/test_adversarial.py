@@ -82,7 +82,10 @@ def test_callback_perturbs_training_batches_only(tiny_data):
     assert adv.n_adversarial == 8 * 2
 
 
-def test_adversarial_training_end_to_end(tiny_data, tmp_path):
+def test_adversarial_training_end_to_end(tiny_data, tmp_path, monkeypatch):
+    used = []  # the attack callbacks the run really fitted with
+    before_fit = AdversarialTraining.before_fit
+    monkeypatch.setattr(AdversarialTraining, "before_fit", lambda self: used.append(self) or before_fit(self))
     cfg = TrainConfig(
         data=str(tiny_data), arch="tiny", epochs=1, bs=16, lr=1e-2, adv="pgd", adv_steps=2, adv_alpha=4 / 255,
         adv_ratio=0.5, out=str(tmp_path), name="adv",
@@ -93,6 +96,9 @@ def test_adversarial_training_end_to_end(tiny_data, tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test_accuracy"] > 0.3, "the adversarially trained model still learns the colours"
     assert (run_dir / "export.pkl").exists()
+    (adv,) = used
+    n_batches = json.loads((run_dir / "config.json").read_text())["resolved"]["n_train"] // 16
+    assert adv.n_adversarial >= 8 * n_batches, "half of every training batch (--adv-ratio 0.5) was attacked"
 
 
 def test_adversarial_options_accept_fractions(monkeypatch):

@@ -34,17 +34,17 @@ def test_zero_epochs_rejected():
 
 
 def test_missing_data_is_one_clear_line(tmp_path):
-    res = run_script("scripts/train.py", "--data", str(tmp_path / "nope"), "--arch", "tiny", "--out", str(tmp_path))
-    assert res.returncode == 1
+    res = runner.invoke(train_app, ["--data", str(tmp_path / "nope"), "--arch", "tiny", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit), "a clean exit, not an exception"
     assert "error: --data" in res.stderr and "train/<class>" in res.stderr
-    assert "Traceback" not in res.stderr
     assert list(tmp_path.iterdir()) == [], "a failed start leaves no empty run folder behind"
 
 
 def test_wrong_layout_is_one_clear_line(tmp_path):
     (tmp_path / "images").mkdir()
-    res = run_script("scripts/train.py", "--data", str(tmp_path / "images"), "--out", str(tmp_path))
-    assert res.returncode == 1 and "expected a CIFAR-layout folder" in res.stderr and "Traceback" not in res.stderr
+    res = runner.invoke(train_app, ["--data", str(tmp_path / "images"), "--out", str(tmp_path)])
+    assert res.exit_code == 1 and isinstance(res.exception, SystemExit)
+    assert "expected a CIFAR-layout folder" in res.stderr and [p.name for p in tmp_path.iterdir()] == ["images"]
 
 
 def test_list_archs():
@@ -58,6 +58,10 @@ def test_script_trains_and_prints_where_results_are(tiny_data, tmp_path):
         "--lr", "0.01", "--out", str(tmp_path), "--name", "cli",
     )  # fmt: skip
     assert res.returncode == 0, res.stderr[-2000:]
-    assert f"results in {tmp_path / 'cli'}" in res.stdout
+    run_dir = tmp_path / "cli"
+    assert f"results in {run_dir}" in res.stdout
     assert "epoch 1/1" in res.stdout, "plain per-epoch lines when stdout is not a terminal"
+    for cmd in (f"python scripts/evaluate.py {run_dir}", f"python demo/app.py --model {run_dir}",
+                f"python scripts/export.py onnx {run_dir}"):  # fmt: skip
+        assert cmd in res.stdout, "the run ends by printing the commands that use it next"
     assert json.loads((tmp_path / "cli" / "metrics.json").read_text())["test_accuracy"] > 0.3

@@ -12,7 +12,7 @@ from fastai.torch_core import TensorImage
 from cifar_fastai import DataError, TrainConfig, get_data, resolve_data
 from cifar_fastai.data.index import index_images, split_indices
 from cifar_fastai.data.sources import SAMPLE_DIR
-from cifar_fastai.data.transforms import PadCropFlip
+from cifar_fastai.data.transforms import PadCropFlip, cifar_stats
 
 
 def test_sample_is_shipped_in_cifar_layout():
@@ -69,7 +69,11 @@ def test_tgz_is_unpacked_once_and_reused(tiny_data, tmp_path):
 
 @pytest.mark.parametrize(
     "spec, message",
-    [("/no/such/folder", "no such file or folder"), ("{tmp}", "expected a CIFAR-layout folder"), ("{tmp}/x.txt", "not an archive")],
+    [
+        ("/no/such/folder", "no such file or folder"),
+        ("{tmp}", "expected a CIFAR-layout folder"),
+        ("{tmp}/x.txt", "not an archive"),
+    ],
 )
 def test_bad_data_paths_fail_clearly(tmp_path, spec, message):
     (tmp_path / "x.txt").write_text("hello")
@@ -94,6 +98,13 @@ def test_augmentation_on_train_batches_only(tiny_data):
     d = get_data(TrainConfig(data=str(tiny_data), bs=16, seed=0), verbose=False)
     train_tfms = [type(t).__name__ for t in d.dls.train.after_batch.fs]
     assert "PadCropFlip" in train_tfms
+    assert d.dls.train.dataset.split_idx == 0, "the training set runs the split_idx=0 (augmenting) transforms"
+    dl = d.dls.train.new(shuffle=False)  # the same images every draw: only the augmentation can change them
+    first, second = dl.one_batch()[0], dl.one_batch()[0]
+    assert not torch.equal(first, second), "each draw of a training batch is augmented afresh"
+    with dl.dataset.set_split_idx(1):
+        plain = dl.one_batch()[0]
+    assert not torch.equal(first, plain), "the augmentation is what changed the training batch"
     # the same pipeline object runs on valid batches, but PadCropFlip has split_idx=0: valid batches are untouched
     x = d.dls.valid.one_batch()[0]
     y = d.dls.valid.one_batch()[0]
@@ -129,4 +140,8 @@ def test_tensor_and_datablock_loaders_agree(tiny_data):
     assert torch.allclose(xf, xs, atol=1e-5)
     (tf, tyf), (ts, tys) = fast.test_dl.one_batch(), slow.test_dl.one_batch()
     assert torch.equal(tyf, tys) and torch.allclose(tf, ts, atol=1e-5)
-    assert abs(float(xf.mean())) < 3  # normalized, not raw 0..255
+    # normalized with the CIFAR statistics: undoing them gives the cached pixels of those validation images
+    valid = fast.dls.valid.dataset
+    raw = valid.images[valid.idx[: len(xf)]].float() / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in cifar_stats)
+    assert torch.allclose(xf.as_subclass(torch.Tensor) * std + mean, raw, atol=1e-5)

@@ -35,7 +35,7 @@ def server(tiny_run):
     demo = app.make_demo(tiny_run)
     port = free_port()
     serve(demo, port=port, prevent_thread_lock=True, quiet=True)
-    yield f"http://127.0.0.1:{port}/", app
+    yield f"http://127.0.0.1:{port}/", app, demo
     demo.close()
 
 
@@ -47,17 +47,26 @@ def client(server):
 
 
 def top_label(result) -> str:
-    return result["label"] if isinstance(result, dict) else result
+    label = result[0] if isinstance(result, tuple) else result  # (label, heat map) from /predict
+    return label["label"] if isinstance(label, dict) else label
 
 
-def test_upload_gets_a_label_from_the_vocab(client, server):
+def test_upload_gets_a_label_from_the_vocab_and_a_heat_map(client, server):
+    import numpy as np
     from gradio_client import handle_file
+    from PIL import Image
 
-    vocab = server[1].clf.vocab
+    from cifar_fastai.evaluation.cam import DISPLAY_SIZE
+
+    clf = server[1].clf
     for example in sorted((REPO / "demo" / "examples").glob("*.*"))[:2]:
-        res = client.predict(handle_file(str(example)), api_name="/predict")
-        assert top_label(res) in vocab
-        assert len(res["confidences"]) == 3 and all(c["label"] in vocab for c in res["confidences"])
+        res, heat = client.predict(handle_file(str(example)), api_name="/predict")
+        expected = clf.predict(example)  # the page shows the model's own top 3 for the file
+        assert top_label(res) == next(iter(expected))
+        assert [c["label"] for c in res["confidences"]] == list(expected)
+        assert [c["confidence"] for c in res["confidences"]] == pytest.approx(list(expected.values()), abs=1e-6)
+        shown = np.asarray(Image.open(heat).convert("RGB"))
+        assert shown.shape == (DISPLAY_SIZE, DISPLAY_SIZE, 3) and shown.std() > 10, "the Grad-CAM overlay"
 
 
 def test_bad_file_gives_an_error_and_the_server_keeps_serving(client, tmp_path):
@@ -75,17 +84,22 @@ def test_bad_file_gives_an_error_and_the_server_keeps_serving(client, tmp_path):
     assert top_label(client.predict(handle_file(str(good)), api_name="/predict"))
 
 
-def test_oversized_upload_is_refused_and_the_server_keeps_serving(client, tmp_path):
+def test_oversized_upload_is_refused_and_the_server_keeps_serving(client, server, tmp_path, monkeypatch):
     from gradio_client import handle_file
 
     from cifar_fastai.data.images import MAX_FILE_BYTES
 
+    clf, calls = server[1].clf, []
+    predict = clf.predict
+    monkeypatch.setattr(clf, "predict", lambda img, **kw: calls.append(img) or predict(img, **kw))
     huge = tmp_path / "huge.jpg"
     huge.write_bytes(b"\xff\xd8" + b"\0" * (MAX_FILE_BYTES + 1))
     with pytest.raises(Exception, match="(?i)too large|size|limit|413"):
         client.predict(handle_file(str(huge)), api_name="/predict")
+    assert calls == [], "refused by the server's upload limit, before the model's code sees the file"
     good = next((REPO / "demo" / "examples").glob("*.jpg"))
     assert top_label(client.predict(handle_file(str(good)), api_name="/predict"))
+    assert len(calls) == 1
 
 
 def run_app(*args: str):
@@ -154,15 +168,26 @@ def shown_label(driver, vocab) -> str | None:
     return next((line for line in text.splitlines() if line.strip() in vocab), None)
 
 
+def shown_heatmap(driver) -> int | None:
+    """The width of the loaded heat-map image on the page (its file's, not its box's), or None when none is shown."""
+    return driver.execute_script(
+        "const im = document.querySelector('#heatmap img');"
+        "return im && im.complete && im.naturalWidth ? im.naturalWidth : null;"
+    )
+
+
 @needs_browser
 def test_browser_upload_shows_the_prediction(server, browser, tmp_path):
     """Headless Chromium opens the page, uploads a CIFAR-10 test image, and reads the predicted label."""
     from selenium.webdriver.support.ui import WebDriverWait
 
+    from cifar_fastai.evaluation.cam import DISPLAY_SIZE
+
     vocab = server[1].clf.vocab
     upload(browser, REPO / "demo" / "examples" / "ship.jpg")
     label = WebDriverWait(browser, 60).until(lambda d: shown_label(d, vocab))
     assert label in vocab
+    assert WebDriverWait(browser, 30).until(shown_heatmap) == DISPLAY_SIZE, "the Grad-CAM overlay beside the label"
     time.sleep(0.5)  # let the confidence bars finish drawing before the screenshot
     shot = tmp_path / "demo.png"
     browser.save_screenshot(str(shot))
@@ -171,7 +196,9 @@ def test_browser_upload_shows_the_prediction(server, browser, tmp_path):
 
 
 @needs_browser
-def test_browser_replacing_an_image_runs_the_model_once_and_an_error_clears_the_label(server, browser, tmp_path, monkeypatch):
+def test_browser_replacing_an_image_runs_the_model_once_and_an_error_clears_the_label(
+    server, browser, tmp_path, monkeypatch
+):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -180,26 +207,46 @@ def test_browser_replacing_an_image_runs_the_model_once_and_an_error_clears_the_
     predict = app.clf.predict
     monkeypatch.setattr(app.clf, "predict", lambda img, **kw: calls.append(img) or predict(img, **kw))
     vocab, wait = app.clf.vocab, WebDriverWait(browser, 60)
+    # a late second run would need a second trigger, which the wiring test below rules out: the counts need no sleep
     upload(browser, REPO / "demo" / "examples" / "ship.jpg")
     wait.until(lambda d: shown_label(d, vocab))
-    time.sleep(1.0)
     assert len(calls) == 1, calls
     upload(browser, REPO / "demo" / "examples" / "cat.jpg")  # a new upload replaces the shown image
     wait.until(lambda d: len(calls) >= 2 and shown_label(d, vocab))
-    time.sleep(1.0)
     assert len(calls) == 2, f"one prediction per upload, not {len(calls) - 1} for the second"
     bad = tmp_path / "notes.png"
     bad.write_bytes(b"a text file with an image's name")
     upload(browser, bad)
     wait.until(lambda d: "not an image" in d.find_element(By.TAG_NAME, "body").text)
-    time.sleep(1.0)
-    assert shown_label(browser, vocab) is None, "the previous prediction is not left beside the error"
+    # the previous prediction and its heat map are not left beside the error (bounded: fails on the wait's timeout)
+    wait.until(lambda d: shown_label(d, vocab) is None and shown_heatmap(d) is None)
     assert browser.find_element(By.TAG_NAME, "body").text.count("not an image") == 1, "the error is shown once"
-    n = len(calls)
+    assert len(calls) == 3, "the bad file went to the model's own decoder once"
     browser.find_elements(By.CSS_SELECTOR, "button.gallery-item")[0].click()  # an example image
     wait.until(lambda d: shown_label(d, vocab))
-    time.sleep(1.0)
-    assert len(calls) == n + 1, "a clicked example is predicted once"
+    assert wait.until(shown_heatmap), "an example gets its heat map too"
+    assert len(calls) == 4, "a clicked example is predicted once"
+
+
+def test_the_page_runs_the_model_once_per_upload_or_example_click(server):
+    """The page's event wiring: the model runs on `input` (the user's upload, paste or clear), not on `change`, which
+    also fires when the page sets the image itself and would run it again; a failure clears the label and heat map;
+    an example click loads the example into the image box, then runs the model once."""
+    demo = server[2]
+    deps = demo.config["dependencies"]
+    ids = {c["props"]["elem_id"]: c["id"] for c in demo.config["components"] if c.get("props", {}).get("elem_id")}
+    image, outputs = ids["input-image"], [ids["prediction"], ids["heatmap"]]
+    on_image = [d for d in deps if any(t[0] == image for t in d["targets"])]
+    assert [[tuple(t) for t in d["targets"]] for d in on_image] == [[(image, "input")]]
+    predicted = on_image[0]
+    assert predicted["outputs"] == outputs and predicted["api_name"] == "predict"
+    after = [d for d in deps if d["trigger_after"] == predicted["id"]]
+    assert len(after) == 1 and after[0]["trigger_only_on_failure"] and after[0]["outputs"] == outputs
+    clicks = [d for d in deps if any(t[1] == "click" for t in d["targets"])]
+    assert len(clicks) == 1 and clicks[0]["outputs"] == [image]
+    then = [d for d in deps if d["trigger_after"] == clicks[0]["id"]]
+    assert len(then) == 1 and then[0]["outputs"] == outputs
+    assert demo.fns[then[0]["id"]].fn is demo.fns[predicted["id"]].fn, "the same classify as an upload"
 
 
 ODD_FILES = ["large-jpeg", "grayscale", "16-bit-png", "cmyk-jpeg", "rgba-png", "palette-png-transparent", "webp",
@@ -227,17 +274,25 @@ def odd_files(tmp_path_factory):
     return files
 
 
+ERRORS = {"truncated", "empty", "text", "svg"}  # the rest are pictures, however odd
+
+
+@pytest.fixture(scope="module")
+def api_learn(tiny_run):
+    from cifar_fastai import load_model
+
+    return load_model(tiny_run)
+
+
 @pytest.mark.parametrize("kind", ODD_FILES)
-def test_python_api_and_running_demo_agree_on_odd_files(kind, odd_files, client, tiny_run):
+def test_python_api_and_running_demo_agree_on_odd_files(kind, odd_files, client, api_learn):
     """`load_model(run).predict(path)` prepares a file exactly as the demo does: same label, or the same message."""
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
 
-    from cifar_fastai import load_model
     from cifar_fastai.errors import ImageInputError
 
-    path = odd_files[kind]
-    learn = load_model(tiny_run)
+    path, learn = odd_files[kind], api_learn
     try:
         api, api_error = str(learn.predict(path)[0]), None
     except ImageInputError as e:
@@ -246,6 +301,7 @@ def test_python_api_and_running_demo_agree_on_odd_files(kind, odd_files, client,
         demo, demo_error = top_label(client.predict(handle_file(str(path)), api_name="/predict")), None
     except AppError as e:  # carries the page's message
         demo, demo_error = None, str(e)
+    assert (api_error is not None) == (kind in ERRORS), (kind, api_error)
     if api_error is None:
         assert demo_error is None and api == demo, (api, demo, demo_error)
     else:

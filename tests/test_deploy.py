@@ -77,21 +77,44 @@ def test_int8_keeps_the_accuracy_and_is_smaller(exported, tiny_data):
     assert (exported / "model.int8.onnx").stat().st_size < (exported / "model.onnx").stat().st_size
 
 
-def test_benchmark_writes_json_for_the_three_variants(exported, tmp_path):
+def test_benchmark_writes_json_for_the_three_variants(exported, tmp_path, monkeypatch):
+    from cifar_fastai.deploy import onnx
+
+    timed = []  # (batch size, timed calls, median ms) of every latency measurement
+    latency_ms = onnx.latency_ms
+
+    def spy(fn, x, warmup=10, reps=100):
+        ms = latency_ms(fn, x, warmup, reps)
+        timed.append((len(x), reps, ms))
+        return ms
+
+    monkeypatch.setattr(onnx, "latency_ms", spy)
     out = tmp_path / "deploy_speed.json"
     bench = script_app("bench/deploy_speed.py", "main")
     r = invoke(bench, str(exported), "--n-test", "50", "--reps", "5", "--out", str(out))
     assert "int8_onnx" in r.output
     res = json.loads(out.read_text())
     assert set(res["results"]) == {"fp32_eager", "fp32_onnx", "int8_onnx"} and res["n_test"] == 50
-    for v in res["results"].values():
-        assert 0 <= v["test_accuracy"] <= 1 and v["latency_ms_batch1"] > 0 and v["throughput_img_s_batch64"] > 0
+    acc = {k: v["test_accuracy"] for k, v in res["results"].items()}
+    # the same 50 test images through each variant: the fp32 graph agrees with eager, int8 stays close
+    assert acc["fp32_eager"] > 0.5 and acc["fp32_onnx"] == acc["fp32_eager"]
+    assert abs(acc["int8_onnx"] - acc["fp32_eager"]) <= 0.1
+    # per variant, a batch of (at most) 64, then --reps single images were timed; the JSON holds those medians
+    assert [(n, reps) for n, reps, _ in timed] == [(50, 10), (1, 5)] * 3, "50 test images: the batch holds 50"
+    for v, (n, _, ms_batch), (_, _, ms1) in zip(res["results"].values(), timed[::2], timed[1::2]):
+        assert v["latency_ms_batch1"] == ms1 and v["throughput_img_s_batch64"] == pytest.approx(n / (ms_batch / 1000))
+        assert v["speedup_batch1_vs_eager"] == pytest.approx(res["results"]["fp32_eager"]["latency_ms_batch1"] / ms1)
     assert res["max_abs_logit_diff_fp32_onnx"] < PARITY_ATOL
 
 
 def test_int8_without_onnx_or_data_says_what_to_do(tiny_run, tmp_path):
-    from cifar_fastai.deploy.onnx import DeployError, benchmark
+    from cifar_fastai.deploy.onnx import DeployError, benchmark, quantize_int8
 
     run = Path(shutil.copytree(tiny_run, tmp_path / "run"))
     with pytest.raises(DeployError, match="scripts/export.py onnx"):
         benchmark(run)
+    # no model.onnx, and no config.json to say which images calibrate it
+    (run / "config.json").unlink()
+    with pytest.raises(DeployError, match="no config.json to say which data it was trained on; pass --data"):
+        quantize_int8(run)
+    assert not (run / "model.int8.onnx").exists() and not (run / "model.onnx").exists(), "refused before any export"

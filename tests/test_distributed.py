@@ -25,7 +25,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def torchrun(*args: str, env: dict | None = None, timeout: int = 180, script: str = "scripts/train.py") -> subprocess.CompletedProcess:
+def torchrun(
+    *args: str, env: dict | None = None, timeout: int = 180, script: str = "scripts/train.py"
+) -> subprocess.CompletedProcess:
     """`torchrun --nproc_per_node 2 scripts/train.py ...` as a user runs it (gloo on this CPU-only machine)."""
     env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port())]
@@ -53,8 +55,29 @@ def rank_items(n: int, world_size: int, bs: int = 4) -> list[list[int]]:
     return out
 
 
-def test_shards_are_disjoint_and_cover_the_data():
-    shards = rank_items(30, 2)
+def _shard_worker(rank: int, world_size: int, init: str, out: str) -> None:
+    """One rank of a real gloo group: its loader starts from its own seed, so only the broadcast of rank 0's order
+    (the project's CPU-safe `_broadcast`) makes the shards line up."""
+    torch.distributed.init_process_group("gloo", init_method=init, rank=rank, world_size=world_size)
+    try:
+        n = 30
+        ds = TensorImageSet(torch.zeros(n, 3, 2, 2, dtype=torch.uint8), torch.arange(n), np.arange(n), ["a"], 0)
+        dl = TensorDL(ds, bs=4, shuffle=True, drop_last=False)
+        dl.rng = random.Random(100 + rank)  # a different order on every rank
+        ddl = DistributedDL(dl, rank=rank, world_size=world_size)
+        with open(f"{out}.{rank}", "w") as f:
+            json.dump([int(y) for _, yb in ddl for y in yb], f)
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_shards_are_disjoint_and_cover_the_data_in_a_gloo_group(tmp_path):
+    out = tmp_path / "shard"
+    # forked, not spawned: a spawned child would import torch, fastai and this package again (most of the test's time)
+    torch.multiprocessing.start_processes(
+        _shard_worker, args=(2, f"file://{tmp_path / 'pg'}", str(out)), nprocs=2, join=True, start_method="fork"
+    )
+    shards = [json.loads((tmp_path / f"shard.{r}").read_text()) for r in range(2)]
     assert len(shards[0]) == len(shards[1]) == 15
     assert not set(shards[0]) & set(shards[1]), "no image is trained twice in an epoch"
     assert sorted(shards[0] + shards[1]) == list(range(30)), "every image is trained once"
@@ -68,15 +91,21 @@ def test_uneven_shards_pad_with_repeats_but_cover_everything():
     assert set(flat) == set(range(31)) and len(flat) - len(set(flat)) == 2  # 33 slots for 31 images
 
 
-def test_global_batch_and_lr_are_stated():
+def test_global_batch_and_lr_are_stated(monkeypatch):
+    from cifar_fastai.training import distributed
+
+    assert describe(bs=256, lr=1e-3)["backend"] is None, "one process: no process group"
+    monkeypatch.setenv("WORLD_SIZE", "4")  # what torchrun sets; fastai and world_size() read it
+    monkeypatch.setattr(distributed, "backend", lambda: "gloo")  # whatever this host has
     info = describe(bs=256, lr=1e-3)
-    assert info["world_size"] == 1 and info["global_bs"] == 256 and info["lr"] == 1e-3
+    assert info["world_size"] == 4 and info["backend"] == "gloo" and info["bs_per_process"] == 256
+    assert info["global_bs"] == 1024 and info["lr"] == 1e-3, "the global batch is bs x world size; --lr is not scaled"
 
 
 def test_torchrun_two_processes_write_one_run_folder_that_predicts(tiny_data, tmp_path):
     out = tmp_path / "runs"
-    res = torchrun("--data", str(tiny_data), "--arch", "tiny", "--epochs", "2", "--bs", "16", "--lr", "1e-2",
-                   "--out", str(out), "--dist-timeout", "60")  # fmt: skip
+    res = torchrun("--data", str(tiny_data), "--arch", "tiny", "--epochs", "1", "--bs", "8", "--lr", "1e-2",
+                   "--train-per-class", "10", "--out", str(out), "--dist-timeout", "60")  # fmt: skip
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert res.stdout.count("run folder:") == 1, "only rank 0 prints"
     runs = list(out.iterdir())
@@ -86,8 +115,8 @@ def test_torchrun_two_processes_write_one_run_folder_that_predicts(tiny_data, tm
     assert metrics["n_test"] == 100, "the whole test set (gathered from both ranks), not one shard"
     assert metrics["test_accuracy"] > 0.5 and metrics["valid_accuracy"] > 0.5
     resolved = json.loads((run / "config.json").read_text())["resolved"]["distributed"]
-    assert resolved["world_size"] == 2 and resolved["backend"] == "gloo" and resolved["global_bs"] == 32
-    assert len((run / "history.csv").read_text().splitlines()) == 3, "one header + 2 epochs, written once"
+    assert resolved["world_size"] == 2 and resolved["backend"] == "gloo" and resolved["global_bs"] == 16
+    assert len((run / "history.csv").read_text().splitlines()) == 2, "one header + 1 epoch, written once"
     learn = load_learner(run / "export.pkl")  # the fresh-process load is tested on the one-process run (test_train)
     label, _, probs = learn.predict(tiny_data / "test" / "ship" / "0001.jpg")
     assert label == "ship" and abs(float(probs.sum()) - 1) < 1e-4
@@ -95,7 +124,7 @@ def test_torchrun_two_processes_write_one_run_folder_that_predicts(tiny_data, tm
 
 def test_a_failing_rank_ends_the_job_naming_the_rank(tiny_data, tmp_path):
     # the collective timeout (600 s) is far above the subprocess timeout: the job ends because the rank died
-    res = torchrun("1", "--data", str(tiny_data), "--arch", "tiny", "--epochs", "1", "--bs", "16",
+    res = torchrun("1", "--data", str(tiny_data), "--arch", "tiny", "--epochs", "1", "--bs", "16", "--train-per-class", "5",
                    "--out", str(tmp_path / "runs"), "--dist-timeout", "600",
                    script="tests/fail_on_rank.py", timeout=150)  # fmt: skip
     assert res.returncode != 0

@@ -4,6 +4,7 @@ benchmark: timed work runs alone, not inside the suite)."""
 
 from __future__ import annotations
 
+import ast
 import os
 import re
 import runpy
@@ -15,7 +16,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from tests.conftest import REPO
+from tests.conftest import REPO, make_dataset
 
 DOCS = [REPO / "README.md", REPO / "README.zh-CN.md", *sorted((REPO / "docs").glob("*.md"))]
 MARKERS = {"needs-data", "needs-gpu", "needs-network", "no-run", "bench"}
@@ -24,7 +25,10 @@ NOT_CODE = {"text", "json", "yaml", "toml", "csv", "markdown", ""}
 FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.DOTALL | re.MULTILINE)
 # a command in the docs trains for real; here each one trains a single epoch on top of what it asks for
 SMALL = ["--epochs", "1", "--train-per-class", "20"]
-SMALL_BUDGET = {"scripts/train.py": [*SMALL, "--time-budget", "0"], "scripts/sweep.py": SMALL, "scripts/compare.py": SMALL}
+SMALL_BUDGET = {
+    "scripts/train.py": [*SMALL, "--time-budget", "0"], "scripts/sweep.py": SMALL, "scripts/compare.py": SMALL,
+    "bench/deploy_speed.py": ["--n-test", "50", "--reps", "2"],  # timing figures come from bench runs, not the suite
+}  # fmt: skip
 
 
 def blocks(path: Path) -> list[tuple[str, set[str], str, int]]:
@@ -36,11 +40,25 @@ def blocks(path: Path) -> list[tuple[str, set[str], str, int]]:
     return out
 
 
+def commands(code: str) -> list[str]:
+    """The shell commands of a block: comment-only lines dropped, `\\` continuations joined."""
+    joined = re.sub(r"\\\n\s*", " ", code)
+    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def meaning(lang: str, code: str) -> str:
+    """What a snippet does, without its comments: the README's translation repeats the same commands and code with
+    comments in another language, and runs them once."""
+    if lang == "python":
+        return ast.dump(ast.parse(code))
+    return "\n".join(cmd.split("  #")[0].strip() for cmd in commands(code))
+
+
 ALL = [(p, *b) for p in DOCS for b in blocks(p)]
 RUN, _seen = [], set()
 for _p, _lang, _marks, _code, _line in ALL:
-    if _lang in RUNNABLE and not _marks and _code not in _seen:  # a snippet repeated word for word runs once
-        _seen.add(_code)
+    if _lang in RUNNABLE and not _marks and (_lang, meaning(_lang, _code)) not in _seen:
+        _seen.add((_lang, meaning(_lang, _code)))
         RUN.append((_p, _lang, _code, _line))
 
 
@@ -54,12 +72,6 @@ def test_every_code_block_is_runnable_or_marked():
             assert "../shared" not in code, f"{where}: a path users do not have"
             for cmd in commands(code):
                 assert not cmd.startswith("#"), f"{where}: output or comments belong in a ```text block"
-
-
-def commands(code: str) -> list[str]:
-    """The shell commands of a block: comment-only lines dropped, `\\` continuations joined."""
-    joined = re.sub(r"\\\n\s*", " ", code)
-    return [line.strip() for line in joined.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
 APPS = {
@@ -103,6 +115,14 @@ def run_bash_block(code: str, env: dict[str, str]) -> None:
                 run_script_in_process(words[1], words[2:])
             elif words[:3] == ["python", "-m", "pytest"]:
                 continue  # the suite is what runs this
+            elif words[:1] == ["torchrun"] and "scripts/train.py" in words:  # processes of their own, the same budget
+                from cifar_fastai.data import sources
+
+                # and the same small `sample`, which the launched processes cannot see patched
+                words = [str(sources.SAMPLE_DIR) if w == "sample" and words[i - 1] == "--data" else w
+                         for i, w in enumerate(words)]  # fmt: skip
+                res = subprocess.run([*words, *SMALL], env=env, capture_output=True, text=True, check=False)
+                assert res.returncode == 0, f"{part}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
             else:
                 res = subprocess.run(["bash", "-c", part], env=env, capture_output=True, text=True, check=False)
                 assert res.returncode == 0, f"{part}\n{res.stdout}\n{res.stderr}"
@@ -122,9 +142,19 @@ def workdir(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def small_sample(tmp_path_factory) -> Path:
+    """`--data sample` inside this test: the same layout and classes, 10 test images per class instead of 100, so a
+    snippet's test pass and TTA take a fraction of the time (the shipped sample itself is checked in test_data)."""
+    return make_dataset(tmp_path_factory.mktemp("sample") / "cifar10_sample", n_train=30, n_test=10, corrupt=False)
+
+
 @pytest.mark.parametrize("path", [p for p in DOCS if any(r[0] == p for r in RUN)], ids=lambda p: p.name)
-def test_snippets_run_as_written(path, workdir, monkeypatch):
+def test_snippets_run_as_written(path, workdir, small_sample, monkeypatch):
+    from cifar_fastai.data import sources
+
     monkeypatch.chdir(workdir)
+    monkeypatch.setattr(sources, "SAMPLE_DIR", small_sample)  # in-process commands (torchrun's get it as a path)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for doc, lang, code, line in RUN:
         if doc != path:

@@ -103,8 +103,10 @@ def test_show_results_titles_each_image_with_target_and_prediction(learn):
 def test_interpretation_plots_top_losses_and_confusion(learn):
     interp = ClassificationInterpretation.from_learner(learn)
     assert list(interp.vocab) == list(learn.dls.vocab)  # the whole vocab (a plain list would be cut to its last class)
-    assert interp.confusion_matrix().shape == (10, 10) and interp.confusion_matrix().sum() == len(learn.dls.valid_ds)
-    assert isinstance(interp.most_confused(), list)
+    cm, ds = interp.confusion_matrix(), learn.dls.valid_ds
+    assert cm.shape == (10, 10) and cm.sum() == len(ds)
+    assert cm.sum(1).tolist() == torch.bincount(ds.labels[ds.idx], minlength=10).tolist()  # rows: the set's targets
+    preds, _ = learn.get_preds(dl=learn.dls.valid)
     losses, idx, items = interp.top_losses(4, items=True)
     assert all(f.is_file() and f.parent.name in learn.dls.vocab for f in items)  # the files, as a DataBlock names them
 
@@ -119,12 +121,13 @@ def test_interpretation_plots_top_losses_and_confusion(learn):
             and actual == learn.dls.vocab[int(learn.dls.valid_ds.labels[learn.dls.valid_ds.idx[k]])]
         )
         assert float(shown_loss) == pytest.approx(float(loss), abs=0.01)
-        if pred == actual:  # the probability shown is the one the loss came from: same image, same prediction
-            assert float(shown_loss) == pytest.approx(-np.log(float(prob)), abs=0.02)
+        # the files re-read for the plot give the prediction the validation loader gave for the same image
+        assert pred == learn.dls.vocab[int(preds[k].argmax())]
+        assert float(prob) == pytest.approx(float(preds[k].max()), abs=0.01)
         assert same_pixels(img, cached(learn.dls.valid, int(k)))
     plt.close("all")
     interp.plot_confusion_matrix()
-    assert plt.gcf().axes[0].get_title() == "Confusion matrix"
+    assert [t.get_text() for t in plt.gcf().axes[0].get_xticklabels()] == list(learn.dls.vocab)
 
 
 def test_predict_on_a_file(learn, test_files):
@@ -170,12 +173,16 @@ def test_test_dl_on_files_batches_them_and_get_preds_matches_predict(learn, test
 
 
 def test_tta_on_the_validation_set_and_on_files(learn, test_files):
-    probs, targs = learn.tta(n=2)
-    assert probs.shape == (len(learn.dls.valid_ds), 10) and torch.allclose(
-        probs.sum(1), torch.ones(len(probs)), atol=1e-4
-    )
-    probs, targs = learn.tta(dl=learn.dls.test_dl(test_files, with_labels=True), n=2)
-    assert probs.shape == (20, 10) and targs.shape == (20,)
+    plain, _ = learn.get_preds()
+    aug, targs = learn.tta(n=2, beta=0)  # beta=0: the augmented views' mean alone
+    assert aug.shape == (len(learn.dls.valid_ds), 10) and torch.allclose(aug.sum(1), torch.ones(len(aug)), atol=1e-4)
+    assert not torch.allclose(aug, plain), "the views went through the training augmentation"
+    assert torch.equal(learn.get_preds()[0], plain), "and the validation loader is unaugmented again"
+    dl = learn.dls.test_dl(test_files, with_labels=True)
+    plain, _ = learn.get_preds(dl=dl)
+    aug, targs = learn.tta(dl=dl, n=2, beta=0)
+    assert aug.shape == (20, 10) and targs.shape == (20,)
+    assert not torch.allclose(aug, plain), "files are augmented too"
 
 
 def test_export_and_load_learner_predict_the_same(learn, test_files, tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -13,13 +14,13 @@ from fastai.learner import load_learner
 from torch import serialization
 from typer.testing import CliRunner
 
-from cifar_fastai import TrainConfig, get_data
+from cifar_fastai import TrainConfig, get_data, load
 from cifar_fastai.cli import train_app
+from cifar_fastai.deploy.serve import Classifier
 from cifar_fastai.training import hardware
 from cifar_fastai.training.hardware import CpuMixedPrecision, HardwareError, resolve_device, resolve_precision
 from cifar_fastai.training.learner import create_learner
 from cifar_fastai.training.run import train
-from tests.conftest import run_script
 
 CPU, CUDA, MPS = torch.device("cpu"), torch.device("cuda", 0), torch.device("mps")
 
@@ -100,18 +101,10 @@ def test_gpu_run_gets_fastai_mixed_precision_callbacks(fake_gpu):
     assert kinds["MixedPrecision"].amp_mode.value == "fp16", "what learn.to_fp16() adds"
 
 
-def test_cli_cuda_without_gpu_exits_nonzero_without_traceback(tmp_path):
-    res = run_script(
-        "scripts/train.py", "--data", "sample", "--arch", "tiny", "--device", "cuda", "--out", str(tmp_path)
-    )
-    assert res.returncode == 2
-    assert "error: --device cuda: no CUDA GPU" in res.stderr and "Traceback" not in res.stderr
-    assert not list(tmp_path.glob("*/config.json")), "stopped before any data was loaded"
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
+        (["--device", "cuda"], "--device cuda: no CUDA GPU"),
         (["--device", "mps"], "--device mps: "),
         (["--device", "cpu", "--precision", "fp16"], "--precision fp16 needs a CUDA GPU"),
     ],
@@ -120,6 +113,7 @@ def test_cli_impossible_requests_are_one_line(args, message, tmp_path, no_gpu):
     res = CliRunner().invoke(train_app, ["--data", "sample", "--arch", "tiny", "--out", str(tmp_path), *args])
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.exception
     assert f"error: {message}" in res.output
+    assert not list(tmp_path.glob("*/config.json")), "stopped before any data was loaded"
 
 
 class PredDtype(Callback):
@@ -132,23 +126,20 @@ class PredDtype(Callback):
 
 
 def test_cpu_bf16_training_step_matches_fp32(tiny_data):
-    cfg = TrainConfig(data=str(tiny_data), arch="tiny", bs=32, valid="test")
-    data = get_data(cfg, verbose=False)
-    learn = create_learner(cfg, data)
-    xb, yb = data.dls.train.one_batch()
-    learn.model.train()
-    with torch.no_grad():
-        fp32 = learn.loss_func(learn.model(xb), yb).item()
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            bf16 = learn.loss_func(learn.model(xb), yb).item()
-    assert abs(bf16 - fp32) < 0.02 * abs(fp32), (fp32, bf16)  # bf16 keeps ~3 significant digits
+    cfg = TrainConfig(data=str(tiny_data), arch="tiny", bs=32, valid="test", device="cpu")
+    learn = create_learner(cfg, get_data(cfg, verbose=False))
+    fp32 = learn.validate()[0]
+    bf16 = learn.validate(cbs=[CpuMixedPrecision()])[0]
+    # the callback really switches the pass to bf16 (fastai's own would autocast CUDA only: the same loss here),
+    # which keeps ~3 significant digits
+    assert bf16 != fp32 and abs(bf16 - fp32) < 0.02 * abs(fp32), (fp32, bf16)
     before = learn.model[0][0][0].weight.detach().clone()
     spy = PredDtype()
     learn.fit(1, 1e-2, cbs=[CpuMixedPrecision(), spy, ShortEpochCallback(pct=0.3)])  # a few batches
     assert spy.dtype == torch.bfloat16, "the forward pass really ran in bf16"
     weight = learn.model[0][0][0].weight
     assert weight.dtype == torch.float32 and not torch.equal(weight, before), "fp32 master weights were updated"
-    assert all(torch.isfinite(torch.tensor(v)) for v in learn.recorder.values[-1][:2])
+    assert learn.validate()[0] < fp32, "and the bf16 steps trained it: the full test loss (fp32) went down"
 
 
 class PassSpy(PredDtype):
@@ -165,15 +156,13 @@ class PassSpy(PredDtype):
         self.passes[-1].update(dtype=self.pred.dtype, nhwc=x.is_contiguous(memory_format=torch.channels_last))
 
 
-def test_bf16_trained_export_predicts_in_fp32_and_fp32_export_in_bf16(
-    tiny_data, tiny_run, tmp_path, capsys, monkeypatch
-):
+def test_bf16_trained_export_predicts_in_fp32(tiny_data, tmp_path, capsys, monkeypatch):
     spy = PassSpy()
     fit_time = hardware.callbacks
     monkeypatch.setattr(hardware, "callbacks", lambda cfg: [*fit_time(cfg), spy])
     res = train(
         TrainConfig(data=str(tiny_data), arch="tiny", epochs=1, bs=16, lr=1e-2, out=str(tmp_path), name="bf16",
-                    precision="bf16", device="cpu", channels_last=True, tta=True),
+                    precision="bf16", device="cpu", channels_last=True, tta=True, train_per_class=20),
     )  # fmt: skip
     # the fit, the test pass and the other 5 TTA views all ran under the run's precision and memory layout
     assert spy.passes == [{"dtype": torch.bfloat16, "nhwc": True}] * 7  # the plain view is predicted once
@@ -190,12 +179,6 @@ def test_bf16_trained_export_predicts_in_fp32_and_fp32_export_in_bf16(
     assert learn.model[0][0][0].weight.is_contiguous(), "model back in the default memory layout"
     label, _, probs = learn.predict(image)
     assert label == "ship" and probs.dtype == torch.float32
-
-    fp32_learn = load_learner(tiny_run / "export.pkl")
-    label32, _, p32 = fp32_learn.predict(image)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        label16, _, p16 = fp32_learn.predict(image)
-    assert label16 == label32 == "ship" and torch.allclose(p16.float(), p32, atol=0.02)
 
 
 def test_gpu_export_loads_and_predicts_on_cpu(tiny_run, tiny_data, tmp_path):
@@ -217,10 +200,13 @@ def test_gpu_export_loads_and_predicts_on_cpu(tiny_run, tiny_data, tmp_path):
         torch.load(path, weights_only=False)
     moved = tmp_path / "elsewhere.pkl"
     shutil.copy(path, moved)
-    cpu_learn = load_learner(moved)  # fastai's default cpu=True maps it, no user action
+    cpu_learn = load(moved, trust_pickle=True)  # mapped to the CPU, no user action
     assert cpu_learn.dls.device == CPU and next(cpu_learn.model.parameters()).device == CPU
-    label, _, probs = cpu_learn.predict(tiny_data / "test" / "ship" / "0001.jpg")
+    image = tiny_data / "test" / "ship" / "0001.jpg"
+    label, _, probs = cpu_learn.predict(image)
     assert label == "ship" and abs(float(probs.sum()) - 1) < 1e-4
+    top = Classifier.load(moved, trust_pickle=True).predict(image)  # what the demo serves from such a file
+    assert next(iter(top)) == "ship" and top["ship"] == pytest.approx(float(probs.max()), abs=1e-6)
 
 
 def test_tensor_loader_batches_land_on_the_chosen_device(tiny_data):
@@ -247,7 +233,21 @@ def test_training_keeps_freed_memory_unless_told_not_to(monkeypatch):
     monkeypatch.setattr(hardware.sys, "platform", "darwin")
     assert hardware.keep_freed_memory() is False
     monkeypatch.setattr(hardware.sys, "platform", "linux")
-    if hardware.keep_freed_memory():  # glibc (this machine and CI): recorded where config.json reads it
-        rt = hardware.setup(TrainConfig(device="cpu", precision="fp32"))
-        assert rt.memory_kept and rt.to_dict()["memory_kept"]
-        assert "freed memory kept" in rt.line(TrainConfig())
+    # a stand-in glibc, so the path is taken on every host (musl and macOS included) and what it is told is seen
+    told, answer = [], [1]
+
+    def mallopt(param, value):
+        told.append((param, value))
+        return answer[0]
+
+    monkeypatch.setattr(hardware.ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=mallopt))
+    answer[0] = 0  # glibc refuses: reported, not raised
+    assert hardware.keep_freed_memory() is False and not hardware._memory_kept
+    answer[0], told[:] = 1, []
+    rt = hardware.setup(TrainConfig(device="cpu", precision="fp32"))
+    assert told == [
+        (hardware._M_MMAP_THRESHOLD, hardware.MMAP_THRESHOLD),
+        (hardware._M_TRIM_THRESHOLD, hardware.TRIM_THRESHOLD),
+    ]
+    assert rt.memory_kept and rt.to_dict()["memory_kept"], "recorded where config.json reads it"
+    assert "freed memory kept" in rt.line(TrainConfig())

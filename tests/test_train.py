@@ -23,7 +23,12 @@ def test_training_beats_chance_and_writes_run_folder(tiny_run):
     assert set(metrics["per_class_test_accuracy"]) == {
         "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"
     }  # fmt: skip
-    assert metrics["train_images_per_s"] > 0 and metrics["wall_seconds"] > 0
+    # throughput counts the images trained on (full batches of 16, 2 epochs) over the training passes' time, and the
+    # wall clock covers those passes, validation and the rest of the run
+    n_train = json.loads((tiny_run / "config.json").read_text())["resolved"]["n_train"]
+    seen = metrics["train_images_per_s"] * metrics["train_seconds"]
+    assert seen == pytest.approx(2 * (n_train // 16) * 16, rel=1e-6)
+    assert metrics["wall_seconds"] > metrics["train_seconds"] + metrics["valid_seconds"]
     assert metrics["skipped_files"] and metrics["skipped_files"][0].endswith("9999.jpg")
     for name in ("export.pkl", "config.json", "metrics.json", "history.csv", "confusion_matrix.png"):
         assert (tiny_run / name).stat().st_size > 0, name
@@ -71,7 +76,14 @@ def test_learner_for_torchvision_and_timm(tiny_data, arch):
     x, _ = data.dls.one_batch()
     with torch.no_grad():
         assert learn.model.eval()(x).shape == (8, 10)
-    assert len(learn.opt_func.__name__) and len(learn.splitter(learn.model)) >= 2, "fastai layer groups found"
+    # fastai's discriminative rates need the splitter to partition the parameters into body ... head groups
+    groups = [set(map(id, g)) for g in learn.splitter(learn.model)]
+    params = set(map(id, learn.model.parameters()))
+    assert len(groups) >= 2 and set().union(*groups) == params and sum(map(len, groups)) == len(params)
+    head = [m for m in learn.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    assert id(head.weight) in groups[-1] and id(head.weight) not in groups[0]
+    learn.create_opt()
+    assert len(learn.opt.param_lists) == len(groups), "the optimizer got one parameter group per layer group"
 
 
 def test_local_weights_fine_tune_with_imagenet_stats_and_frozen_body(tiny_data, tmp_path):
@@ -89,10 +101,10 @@ def test_local_weights_fine_tune_with_imagenet_stats_and_frozen_body(tiny_data, 
 
 
 def test_lr_find_saves_plot_and_suggestions(tiny_data, tmp_path):
-    res = lr_find(TrainConfig(data=str(tiny_data), arch="tiny", bs=16, out=str(tmp_path)), verbose=False)
+    res = lr_find(TrainConfig(data=str(tiny_data), arch="tiny", bs=16, out=str(tmp_path)), verbose=False, num_it=30)
     assert (res.run_dir / "lr_find.png").stat().st_size > 0
     assert set(res.metrics) == {"minimum", "steep", "valley", "slide"}
-    assert all(0 < v < 10 for v in res.metrics.values())
+    assert json.loads((res.run_dir / "lr_find.json").read_text()) == res.metrics
 
 
 def test_lr_find_probes_as_the_run_trains(tiny_data, tmp_path, monkeypatch):
@@ -120,9 +132,9 @@ def test_lr_find_probes_as_the_run_trains(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setattr(train_module, "prepare", prepare_with_spy)
     cfg = TrainConfig(data=str(tiny_data), arch="airbench_resnet", width=0.25, bs=16, out=str(tmp_path),
                       precision="bf16", channels_last=True, progressive=16)  # fmt: skip
-    res = lr_find(cfg, verbose=False)
+    res = lr_find(cfg, verbose=False, num_it=30)  # bf16 is emulated on CPUs without bf16 instructions: fewer steps
     assert seen == {((16, 16), True, torch.bfloat16)}
-    assert all(0 < v < 10 for v in res.metrics.values())
+    assert json.loads((res.run_dir / "lr_find.json").read_text()) == res.metrics
 
 
 def test_get_learner_two_lines_for_notebooks():
@@ -134,16 +146,9 @@ def test_tta_on_the_tensor_loader(tiny_data):
     """`learn.tta` switches the loader to training augmentation and back (fastai's set_split_idx protocol)."""
     learn = get_learner(str(tiny_data), "tiny", bs=16)
     data_dl = learn.dls.valid
-    preds, targs = learn.tta(dl=data_dl, n=2)
-    assert preds.shape == (len(targs), 10) and torch.allclose(preds.sum(1), torch.ones(len(targs)), atol=1e-4)
+    plain, _ = learn.get_preds(dl=data_dl)
+    aug, targs = learn.tta(dl=data_dl, n=2, beta=0)  # beta=0: the augmented views' mean alone
+    assert aug.shape == (len(targs), 10) and torch.allclose(aug.sum(1), torch.ones(len(targs)), atol=1e-4)
+    assert not torch.allclose(aug, plain), "the views went through the training augmentation"
     assert data_dl.dataset.split_idx == 1, "validation split restored after TTA"
-
-
-def test_a_run_ends_by_printing_the_next_commands(tiny_data, tmp_path, capsys):
-    from cifar_fastai import TrainConfig, train
-
-    run_dir = train(TrainConfig(data=str(tiny_data), arch="tiny", epochs=1, bs=16, out=str(tmp_path))).run_dir
-    out = capsys.readouterr().out
-    for cmd in (f"python scripts/evaluate.py {run_dir}", f"python demo/app.py --model {run_dir}",
-                f"python scripts/export.py onnx {run_dir}"):  # fmt: skip
-        assert cmd in out
+    assert torch.equal(learn.get_preds(dl=data_dl)[0], plain), "and the loader predicts unaugmented again"
