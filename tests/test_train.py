@@ -107,6 +107,13 @@ def test_lr_find_saves_plot_and_suggestions(tiny_data, tmp_path):
     assert json.loads((res.run_dir / "lr_find.json").read_text()) == res.metrics
 
 
+def test_lr_find_with_too_few_rates_to_suggest_from_says_so(tiny_data, tmp_path):
+    from cifar_fastai.errors import TrainingError
+
+    with pytest.raises(TrainingError, match="too few to suggest one"):  # fastai's suggestions index past the start
+        lr_find(TrainConfig(data=str(tiny_data), arch="tiny", bs=16, out=str(tmp_path)), verbose=False, num_it=10)
+
+
 def test_lr_find_probes_as_the_run_trains(tiny_data, tmp_path, monkeypatch):
     """Under the run's precision and layout, and with --progressive at the start size, where the peak rate is used."""
     from fastai.callback.core import Callback

@@ -385,7 +385,14 @@ def lr_find(cfg: TrainConfig | Resolved, verbose: bool = True, num_it: int = 100
     # schedule's peak rate is used (one stage from start to start)
     probe = [*hardware.callbacks(cfg), *([ProgressiveResize(cfg.progressive, cfg.progressive)] if cfg.progressive else [])]
     with learn.added_cbs(probe):
-        res = learn.lr_find(num_it=num_it, suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
+        try:
+            res = learn.lr_find(num_it=num_it, suggest_funcs=(minimum, steep, valley, slide), show_plot=True)
+        except IndexError:  # fastai's `slide`/`valley` index a fixed window back from the end of the recorded rates
+            n = len(learn.recorder.lrs)
+            raise TrainingError(
+                f"lr_find recorded {n} rates before it stopped: too few to suggest one (the loss diverged early, or "
+                "the data has few batches): use more training images or a smaller --bs"
+            ) from None
     plt.savefig(run_dir / "lr_find.png", bbox_inches="tight")
     plt.close("all")
     suggestions = {k: float(v) for k, v in res._asdict().items()}
