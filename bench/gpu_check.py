@@ -142,12 +142,13 @@ def main(
         "machine": {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "cuda": torch.version.cuda},
         "jobs": {},
     }
+    bad = [p for p in precisions.split(",") if p not in DTYPES]
+    if bad:  # before any job: a typo in the last entry must not cost the hours of the first ones
+        typer.echo(f"--precisions {bad[0]}: choose fp16 or bf16", err=True)
+        raise typer.Exit(2)
     with tempfile.TemporaryDirectory() as tmp:
         ft_weights = weights or random_resnet50(Path(tmp))
         for precision in precisions.split(","):
-            if precision not in DTYPES:
-                typer.echo(f"--precisions {precision}: choose fp16 or bf16", err=True)
-                raise typer.Exit(2)
             jobs = {r: {"recipe": r, **({"epochs": epochs} if epochs else {})} for r in recipes.split(",") if r}
             jobs[f"finetune-{finetune_arch}-{size}px"] = {
                 "arch": finetune_arch, "weights": str(ft_weights), "size": size, "bs": finetune_bs, "epochs": 1,

@@ -61,6 +61,8 @@ def whitening_images(dl, n: int) -> torch.Tensor | None:
     mirrored (airbench whitens the plain images), even if fewer than a batch; None if there are none."""
     xs, count = [], 0
     plain = {"alt_flip_seed": None} if getattr(dl, "flip_bits", None) is not None else {}
+    if getattr(dl, "policy", None) is not None:  # nor --augment's policy: it would also draw from the run's RNG
+        plain["policy"] = None
     for xb, *_ in dl.new(shuffle=False, drop_last=False, **plain):
         xs.append(torch.as_tensor(xb).float().cpu())
         count += len(xs[-1])

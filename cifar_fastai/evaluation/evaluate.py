@@ -14,7 +14,7 @@ from ..config import TrainConfig
 from ..data.index import READ_ERRORS, read_rgb
 from ..data.loaders import get_data
 from ..data.sources import resolve_data
-from ..errors import ConfigError, DataError, ModelFileError
+from ..errors import CifarFastaiError, ConfigError, DataError, ModelFileError
 from ..utils import write_json
 from .attacks import robust_accuracy
 from .report import Interpretation, tta_result
@@ -132,7 +132,7 @@ def evaluate(
     png = interp.save_confusion_matrix(run_dir / f"{stem}_confusion_matrix.png", title=f"{run_dir.name}: {source}")
     try:
         cam = interp.save_top_losses_cam(run_dir / f"{stem}_top_losses.png", title=f"{run_dir.name}: top losses")
-    except ConfigError as e:  # a model with no conv feature map (a timm vision transformer): the rest still holds
+    except (CifarFastaiError, ImportError) as e:  # no conv feature map (a timm ViT), an unreadable image: the rest holds
         cam = None
         log(f"no Grad-CAM figure: {e}")
     result = {

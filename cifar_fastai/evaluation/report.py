@@ -167,14 +167,7 @@ def selective_tta_preds(
         # the marked images alone, in their order: fastai's own way of re-indexing a loader (`get_preds(reorder=)`)
         idxs = marked.tolist()
         sub = dl.new(shuffle=False, drop_last=False, n=len(idxs), get_idxs=lambda: idxs)
-        total = None
-        for flip, shift, weight in TTA_VIEWS:
-            if not flip and not shift:
-                logits = plain[marked]
-            else:
-                logits, _ = learn.get_preds(dl=sub, cbs=[View(flip, shift), *(cbs or [])], act=noop)
-            total = logits.float() * weight if total is None else total + logits.float() * weight
-        preds[marked] = total
+        preds[marked], _ = tta_preds(learn, sub, cbs, plain=plain[marked])
     return preds, targs, marked
 
 

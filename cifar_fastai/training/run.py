@@ -336,7 +336,8 @@ def report(run: Run, metrics: dict) -> None:
     kept, tta = run.kept, metrics.get("test_accuracy_tta")
     if kept is not None and kept.restored:
         run.log(f"early stopping: the weights of epoch {kept.best_epoch} of {kept.seen} (best validation {run.cfg.monitor}) are kept")
-    if run.ema is not None:
+    # None: the average never validated (no epoch ended), or a NaN loss skipped the comparison
+    if run.ema is not None and None not in (metrics["ema"]["valid_accuracy_ema"], metrics["ema"]["valid_accuracy_raw"]):
         ema = metrics["ema"]
         which = "the weight average" if ema["kept"] == "ema" else "the trained weights, not their average"
         run.log(
