@@ -23,6 +23,9 @@ def one_thread():
     """Intra-op threads down to one for a block: an op on one small image is too short to split, and splitting it
     makes every call wait on the other cores (measured: many times slower on a busy 2-core CPU)."""
     threads = torch.get_num_threads()
+    if threads == 1:  # already (DataLoader workers, or the DataBlock path's item after item): nothing to switch
+        yield
+        return
     torch.set_num_threads(1)
     try:
         yield

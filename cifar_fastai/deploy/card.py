@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from ..config import TrainConfig
+from ..config import TrainConfig, train_command
 from ..models import get_arch
 
 # Not "timm" or "fastai": the weights are this package's Sequential(body, head) state dict. timm.create_model builds
@@ -106,8 +106,6 @@ def per_class_table(vocab: list[str], metrics: dict, evaluation: dict) -> list[s
 def model_card(run: Path, meta: dict, repo_id: str | None = None, base_model: str | None = None):
     """A `huggingface_hub.ModelCard` for the run: YAML from `ModelCardData`, text from the run's own files."""
     from huggingface_hub import ModelCard, ModelCardData
-
-    from ..config import train_command
 
     info, metrics, evaluation = (read_json(run / n) for n in ("config.json", "metrics.json", "evaluation.json"))
     cfg = TrainConfig.from_dict(info["config"] if "config" in info else meta["train_config"])

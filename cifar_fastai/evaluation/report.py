@@ -126,12 +126,6 @@ def tta_preds(
     return total, targs
 
 
-def tta_accuracy(learn, dl, cbs: list | None = None, plain: torch.Tensor | None = None) -> float:
-    """Test accuracy with `tta_preds` (6 views)."""
-    preds, targs = tta_preds(learn, dl, cbs, plain)
-    return float((preds.argmax(1) == targs).float().mean())
-
-
 def uncertain(logits: torch.Tensor, fraction: float) -> torch.Tensor:
     """Positions (ascending) of the `fraction * n` (rounded up) images whose prediction is least certain: the smallest
     margin between the top two softmax probabilities."""
