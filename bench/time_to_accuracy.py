@@ -12,6 +12,8 @@ recipe mean and spread of test accuracy and wall time, against the targets of th
 With record runs in the same invocation they run first, `fast` runs get `--time-budget` 0.75x their mean wall time
 (`--fast-budget-vs-record`), and `summary[recipe]["vs_record"]` says whether each recipe meets its goal against the
 record (`GOALS_VS_RECORD`). `--runs docs:0` adds the fastai-docs recipe (bench/train_speed.py) as one more run.
+`--variant "fast-sel=fast --select 0.5"` then `--runs fast-sel:0,1` runs a recipe with train.py options on top under
+its own name, with its recipe's budget and goal: the A/B of one lever beside the plain recipe, in one invocation.
 
 This shared host's speed drifts by 20% and more from hour to hour, and the targets are wall times, so right before
 and after each run the benchmark also measures the host against two reference speeds (`host_speed`): the bare
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -107,9 +110,25 @@ def docs_run(data: str, run_dir: str, seed: str, epochs: str, per_class: str) ->
     })  # fmt: skip
 
 
+def parse_variants(specs: list[str]) -> dict[str, tuple[str, list[str]]]:
+    """`NAME=RECIPE --opt value ...` -> {NAME: (RECIPE, [options])}: a recipe with options of train.py on top, run
+    and summarized under its own name, with its recipe's budget share and goal (an A/B of one lever)."""
+    out = {}
+    for spec in specs:
+        name, sep, rest = spec.partition("=")
+        words = shlex.split(rest)
+        if not sep or not name.strip() or not words or words[0].startswith("-") or ":" in name:
+            raise typer.BadParameter(f"--variant {spec!r}: NAME=RECIPE [train.py options], e.g. 'fast-sel=fast --select 0.5'")
+        out[name.strip()] = (words[0], words[1:])
+    return out
+
+
 def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str], measure_host: bool = True, scale: float = 1.0,
-            docs: tuple[int, int] = (1, DOCS_PER_CLASS)) -> dict:  # fmt: skip
-    run_dir = runs / f"{recipe}-seed{seed}"
+            docs: tuple[int, int] = (1, DOCS_PER_CLASS), name: str | None = None) -> dict:  # fmt: skip
+    """One run of `recipe` (with `extra` options) in bench's folder `runs/<name>-seed<seed>`; `name` (a variant's)
+    defaults to the recipe's."""
+    name = name or recipe
+    run_dir = runs / f"{name}-seed{seed}"
     if not (run_dir / "metrics.json").exists():
         before = host_speed(scale) if measure_host else None
         cmd = [sys.executable, str(REPO / "scripts/train.py"), "--recipe", recipe, "--seed", str(seed), "--data", data]
@@ -134,7 +153,9 @@ def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str], mea
     cfg = json.loads((run_dir / "config.json").read_text())
     speed_file = run_dir / "host_speed.json"  # absent for runs made before the benchmark measured it
     return {
-        "recipe": recipe,
+        "recipe": name,
+        "base_recipe": recipe,
+        "options": extra,
         "seed": seed,
         "run_dir": str(run_dir),
         "config": cfg.get("config", cfg),
@@ -157,13 +178,14 @@ def summarize(runs: list[dict]) -> dict:
         rs = [r for r in runs if r["recipe"] == recipe]
         best = [r["test_accuracy_tta"] or r["test_accuracy"] for r in rs]
         walls = [r["process_wall_s"] for r in rs]
-        s = {"test_accuracy": spread([r["test_accuracy"] for r in rs]), "test_accuracy_reported": spread(best),
+        s = {"base_recipe": rs[0].get("base_recipe", recipe), "options": rs[0].get("options", []),
+             "test_accuracy": spread([r["test_accuracy"] for r in rs]), "test_accuracy_reported": spread(best),
              "process_wall_s": spread(walls),
              "time_budget_s": sorted({r["config"].get("time_budget") or 0 for r in rs})}  # fmt: skip
         if speeds := [r["host_speed"] for r in rs if r["host_speed"]]:
             s["host_speed_vs_issue"] = {k: spread([h[f"{k}_vs_issue"] for h in speeds]) for k in ANCHORS}
-        if recipe in TARGETS:
-            acc, secs = TARGETS[recipe]
+        if s["base_recipe"] in TARGETS:
+            acc, secs = TARGETS[s["base_recipe"]]
             s["target"] = {"test_accuracy": acc, "wall_s": secs, "met_by_mean": s["test_accuracy_reported"]["mean"] >= acc
                            and s["process_wall_s"]["mean"] <= secs}  # fmt: skip
         out[recipe] = s
@@ -174,7 +196,7 @@ def summarize(runs: list[dict]) -> dict:
                 ratio = s["process_wall_s"]["mean"] / base["process_wall_s"]["mean"]
                 s["vs_record"] = {"test_accuracy_points": 100 * points, "wall_ratio": ratio,
                                   "beats_on_both": points >= 0 and ratio < 1}  # fmt: skip
-                if goal := GOALS_VS_RECORD.get(recipe):
+                if goal := GOALS_VS_RECORD.get(s["base_recipe"]):
                     acc_ok = 100 * points >= goal["min_points"] - 1e-9
                     wall_ok = ratio <= goal["max_wall_ratio"]
                     s["vs_record"].update(goal=goal, accuracy_met=acc_ok, wall_met=wall_ok, goal_met=acc_ok and wall_ok)
@@ -222,6 +244,9 @@ def main(
         "of the record's mean wall time (its goal); 0: the recipe's own budget")] = 0.75,
     long_budget_vs_record: Annotated[float, typer.Option(
         min=0.0, help="the same for long runs (its goal: 3.5); 0: the recipe's own budget")] = 0.0,
+    variant: Annotated[list[str] | None, typer.Option(
+        help="NAME=RECIPE [train.py options] (repeatable): a recipe with options on top, run as NAME:SEEDS in --runs, "
+        "e.g. 'fast-sel=fast --select 0.5'")] = None,
     docs_epochs: Annotated[int, typer.Option(
         min=1, help=f"epochs of the fastai-docs recipe, run as '{DOCS}:SEED' in --runs (resnet18 from scratch, bs 64)")] = 5,
 ) -> None:  # fmt: skip
@@ -234,10 +259,12 @@ def main(
         plan = [(r, int(x)) for spec in runs for r, _, xs in [spec.partition(":")] for x in (xs or "0").split(",")]
     plan.sort(key=lambda run: run[0] != BASELINE)  # the record first: budgets below are shares of its wall time
     shares = {"fast": fast_budget_vs_record, "long": long_budget_vs_record}
-    for recipe, seed in plan:
+    variants = parse_variants(variant or [])
+    for name, seed in plan:
+        recipe, options = variants.get(name, (name, []))
         walls = [r["process_wall_s"] for r in results if r["recipe"] == BASELINE]
         budget = ["--time-budget", f"{shares[recipe] * statistics.fmean(walls):.1f}"] if shares.get(recipe) and walls else []
-        results.append(run_one(recipe, seed, data, runs_dir, [*extra, *budget], host_speed, probe_scale, docs))
+        results.append(run_one(recipe, seed, data, runs_dir, [*extra, *options, *budget], host_speed, probe_scale, docs, name))
         out.parent.mkdir(parents=True, exist_ok=True)  # after every run: a stopped bench keeps what it has
         summary = summarize(results)
         command = "python bench/time_to_accuracy.py " + " ".join(sys.argv[1:])

@@ -6,6 +6,7 @@ import dataclasses
 import inspect
 import typing
 from collections.abc import Callable
+from pathlib import Path
 
 import typer
 
@@ -213,6 +214,69 @@ compare_app.command()(
             option("study", "compare", "study folder under --out; rerunning the same command resumes it"),
         ],
         exclude=("arch", "width", "name", "lr_find"),
+    )
+)  # fmt: skip
+
+
+def _list_studies(value: bool) -> None:
+    if value:
+        from .studies.study import STUDIES
+
+        for s in STUDIES.values():
+            typer.echo(f"{s.name:14s} {s.question} ({len(s.rows)} rows x {len(s.seeds)} seed(s))")
+        raise typer.Exit()
+
+
+def study_command(ctx: typer.Context | None = None, study: str = "", seeds: str = "", rows: str = "",
+                  name: str | None = None, lock: str | None = None, list_studies: bool = False,
+                  **kwargs) -> None:  # fmt: skip
+    """Run a named study (scripts/study.py --list: the names) into <out>/<name>/: study.csv, study.md, study.png.
+
+    Every row trains in its own process; rerun the same command to resume (finished rows are skipped). Options given
+    here change the study's budget (a new --name keeps the old table apart).
+
+    Examples:
+
+      python scripts/study.py depth-width --data path/to/cifar10.tgz
+
+      python scripts/study.py augment --data sample --epochs 1 --train-per-class 20 --name augment-smoke
+    """
+    from .studies.study import get_study, pick_rows, run_study
+
+    explicit = explicit_options(ctx) - {"study", "seeds", "rows", "name", "lock", "list_studies"}
+
+    def job():
+        spec = get_study(study)
+        settings = {**kwargs, **{k: v for k, v in spec.base.items() if k not in explicit}}
+        try:
+            picked = tuple(int(x) for x in seeds.split(",")) if seeds.strip() else None
+        except ValueError:
+            raise ConfigError(f"--seeds {seeds}: comma-separated integers, e.g. 0,1") from None
+        base = TrainConfig(**settings)
+        folder = Path(base.out) / (name or spec.name)
+        return run_study(spec, base, {*explicit, *spec.base}, folder, picked, pick_rows(spec, rows), lock)
+
+    run_or_exit(job)
+
+
+study_app = new_app()
+study_app.command()(
+    with_config_options(
+        study_command,
+        [
+            _CTX,
+            inspect.Parameter("study", inspect.Parameter.KEYWORD_ONLY, annotation=str,
+                              default=typer.Argument(..., help="the study's name (--list: every study)")),
+            option("seeds", "", "comma-separated seeds of every row (default: the study's)"),
+            option("rows", "", "comma-separated row labels: run only these (default: every row)"),
+            option("name", None, "study folder under --out (default: the study's name); rerunning into it resumes",
+                   str | None),
+            option("lock", None, "a file each row holds an exclusive flock on while it trains: other timed work "
+                   "that takes the same file (`flock FILE command`) never runs beside a row", str | None),
+            option("list_studies", False, "list the studies and exit", bool, "--list", is_eager=True,
+                   callback=_list_studies),
+        ],
+        exclude=("name", "seed", "lr_find", "resume", "fold"),
     )
 )  # fmt: skip
 

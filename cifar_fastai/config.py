@@ -174,8 +174,9 @@ class TrainConfig:
     )
     # augmentation strength and cross-validation folds (used by scripts/sweep.py)
     crop_pad: int = opt(
-        4, "reflect-pad before the random 32x32 crop (augmentation strength; 0 = flip only)", min=0, max=16
+        4, "reflect-pad before the random 32x32 crop (augmentation strength; 0: no crop)", min=0, max=16
     )
+    flip: bool = opt(True, "mirror a random half of the training images (He et al. 2015); --no-flip: never")
     folds: int = opt(
         0, "k-fold cross-validation of the training images: seeded folds, one held out (0: --valid-pct hold-out)", min=0
     )
@@ -323,6 +324,8 @@ class TrainConfig:
             raise ConfigError(f"--lr-steps {self.lr_steps} is for --schedule step (got --schedule {self.schedule})")
         if self.alt_flip and self.loader == "datablock":
             raise ConfigError("--alt-flip needs the tensor loader (images of one size, --loader tensor or auto)")
+        if self.alt_flip and not self.flip:  # both say how training images are mirrored
+            raise ConfigError("--alt-flip mirrors half of the images each epoch; --no-flip mirrors none: pick one")
         if self.ema and self.lookahead:  # the net would be reset to one average while the other follows it
             raise ConfigError("--ema and --lookahead both average the weights: pick one")
         if self.mixup > 0 and self.cutmix > 0:

@@ -43,3 +43,9 @@ class ConfigError(CifarFastaiError):
     exit code 2, as for every other usage error of the command line."""
 
     exit_code = 2
+
+
+class StudyError(CifarFastaiError):
+    """An unknown study or row, a grid that cannot be run, or a study folder that holds another budget."""
+
+    exit_code = 2

@@ -1,4 +1,4 @@
-"""Train a grid of architectures x widths under one budget; writes compare.csv, compare.md and compare.png.
+"""Train a grid of architectures x widths under one budget; writes study.csv, study.md and study.png.
 
     python scripts/compare.py --data sample --grid tiny,resnet20 --epochs 1
     python scripts/compare.py --data path/to/cifar10.tgz --grid resnet20,resnet56,resnet110 --epochs 5

@@ -15,6 +15,7 @@ from cifar_fastai.cli import compare_app
 from cifar_fastai.models.cifar_resnet import zero_init_residual
 from cifar_fastai.studies.compare import CompareError, compare, parse_grid
 from cifar_fastai.training.learner import create_learner
+from cifar_fastai.training.resolve import resolve
 
 
 def build(name: str, width: float = 1.0) -> torch.nn.Module:
@@ -85,14 +86,20 @@ def test_freeze_trains_only_the_head_and_groups_unfreeze_in_order(tiny_data, tmp
     assert {id(p) for p in linear.parameters()} <= groups[2]
 
 
-def test_compare_runs_end_to_end_and_resumes(tiny_data, tmp_path, capsys):
+def test_compare_runs_end_to_end_and_resumes(tiny_data, tmp_path, capsys, monkeypatch):
+    from cifar_fastai.studies import study as study_module
+    from cifar_fastai.studies.compare import run_row, spawn_row
+
     base = TrainConfig(data=str(tiny_data), epochs=1, bs=16, lr=1e-2, out=str(tmp_path), train_per_class=20)
-    compare(base, parse_grid("tiny"), study="s")
+    with monkeypatch.context() as m:  # the first row in this process, the second in its own (what users get)
+        m.setattr(study_module, "spawn_row", lambda cfg, explicit, measure=None: run_row(resolve(cfg, explicit)))
+        compare(base, parse_grid("tiny"), study="s")
+    assert study_module.spawn_row is spawn_row
     compare(base, parse_grid("tiny,tiny:0.5"), study="s")  # resumes: only the new row trains
-    assert "tiny x1: already in" in capsys.readouterr().out
+    assert "tiny seed 42: already in" in capsys.readouterr().out
     study = tmp_path / "s"
-    rows = list(csv.DictReader((study / "compare.csv").open()))
-    assert [(r["arch"], float(r["width"])) for r in rows] == [("tiny", 1.0), ("tiny", 0.5)]
+    rows = list(csv.DictReader((study / "study.csv").open()))
+    assert [(r["row"], r["arch"], float(r["width"])) for r in rows] == [("tiny", "tiny", 1.0), ("tiny:0.5", "tiny", 0.5)]
     wide, narrow = rows
     assert float(wide["params_m"]) > float(narrow["params_m"]) and float(wide["mflops"]) > float(narrow["mflops"])
     assert all(float(r["test_acc"]) > 0.3 for r in rows)
@@ -100,10 +107,11 @@ def test_compare_runs_end_to_end_and_resumes(tiny_data, tmp_path, capsys):
         m = json.loads((Path(r["run"]) / "metrics.json").read_text())
         assert float(r["train_img_s"]) == round(m["train_images_per_s"], 1)
         assert float(r["test_acc"]) == round(m["test_accuracy"], 4)
-        assert float(r["peak_mem_mb"]) > 0
-    table = (study / "compare.md").read_text()
-    assert "| tiny | 0.5 |" in table and "Budget: " in table
-    assert (study / "compare.png").stat().st_size > 10_000
+        assert int(r["epochs"]) == 1 == len((Path(r["run"]) / "history.csv").read_text().splitlines()) - 1
+    assert float(narrow["peak_mem_mb"]) > 0, "the row process's own peak above its imports"
+    table = (study / "study.md").read_text()
+    assert "| tiny:0.5 | 1 |" in table and "Budget: " in table and "Machine: " in table
+    assert (study / "study.png").stat().st_size > 10_000
     with pytest.raises(CompareError, match="another budget"):
         compare(base.replace(epochs=2), parse_grid("tiny"), study="s")
 

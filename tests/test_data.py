@@ -9,7 +9,7 @@ import pytest
 import torch
 from fastai.torch_core import TensorImage
 
-from cifar_fastai import DataError, TrainConfig, get_data, resolve_data
+from cifar_fastai import ConfigError, DataError, TrainConfig, get_data, resolve_data
 from cifar_fastai.data.index import index_images, split_indices
 from cifar_fastai.data.sources import SAMPLE_DIR
 from cifar_fastai.data.transforms import PadCropFlip, cifar_stats
@@ -124,6 +124,33 @@ def test_pad_crop_flip_statistics():
     offsets = torch.where(flipped, centre - 15, centre - 16)  # source column of output column 16
     assert offsets.min() >= -4 and offsets.max() <= 4, "crop offsets stay within the 4-pixel padding"
     assert len(offsets.unique()) == 9, "all nine offsets -4..4 occur"
+
+
+@pytest.mark.parametrize("loader", ["tensor", "datablock"])
+def test_crop_and_flip_switch_off_one_at_a_time_on_both_loaders(tiny_data, loader):
+    """--crop-pad 0 --no-flip: training batches are the plain images; each option alone brings back its own change."""
+    cfg = TrainConfig(data=str(tiny_data), bs=16, seed=0, loader=loader)
+
+    def batches(**kw):
+        dl = get_data(cfg.replace(**kw), verbose=False).dls.train.new(shuffle=False)
+        with dl.dataset.set_split_idx(1):
+            plain = dl.one_batch()[0]
+        return plain, [dl.one_batch()[0] for _ in range(4)]
+
+    plain, drawn = batches(crop_pad=0, flip=False)
+    assert all(torch.equal(x, plain) for x in drawn), "no crop and no flip: nothing changes a training image"
+    plain, drawn = batches(crop_pad=0, flip=True)
+    mirrored = [torch.equal(x[i], plain[i].flip(-1)) for x in drawn for i in range(len(x))]
+    same = [torch.equal(x[i], plain[i]) for x in drawn for i in range(len(x))]
+    assert all(m or s for m, s in zip(mirrored, same)) and any(mirrored), "flip alone: each image mirrored or not"
+    plain, drawn = batches(crop_pad=4, flip=False)
+    assert not all(torch.equal(x, plain) for x in drawn), "crop alone still moves the images"
+    assert not any(torch.equal(x[i], plain[i].flip(-1)) for x in drawn for i in range(len(x)) if not torch.equal(plain[i], plain[i].flip(-1)))
+
+
+def test_no_flip_and_alternating_flip_are_refused_together():
+    with pytest.raises(ConfigError, match="pick one"):
+        TrainConfig(alt_flip=True, flip=False)
 
 
 def test_tensor_and_datablock_loaders_agree(tiny_data):

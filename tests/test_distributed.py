@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shlex
 import socket
 import subprocess
 import sys
@@ -102,10 +103,22 @@ def test_global_batch_and_lr_are_stated(monkeypatch):
     assert info["global_bs"] == 1024 and info["lr"] == 1e-3, "the global batch is bs x world size; --lr is not scaled"
 
 
+def doc_command() -> list[str]:
+    """The CPU torchrun command of docs/hardware.md, as its words: this test runs it (test_docs leaves it to us)."""
+    from tests.test_docs import DOC_TORCHRUN
+
+    return shlex.split(DOC_TORCHRUN)
+
+
 def test_torchrun_two_processes_write_one_run_folder_that_predicts(tiny_data, tmp_path):
+    """The documented command, on tiny data with a smaller batch (its --bs 128 would be one step of 100 images)."""
+    words = doc_command()
+    assert words[:3] == ["torchrun", "--nproc_per_node", "2"] and words[3] == "scripts/train.py"
+    args = words[4:]
+    args[args.index("--data") + 1] = str(tiny_data)
+    args[args.index("--bs") + 1] = "8"
     out = tmp_path / "runs"
-    res = torchrun("--data", str(tiny_data), "--arch", "tiny", "--epochs", "1", "--bs", "8", "--lr", "1e-2",
-                   "--train-per-class", "10", "--out", str(out), "--dist-timeout", "60")  # fmt: skip
+    res = torchrun(*args, "--lr", "1e-2", "--train-per-class", "10", "--out", str(out), "--dist-timeout", "60")
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     assert res.stdout.count("run folder:") == 1, "only rank 0 prints"
     runs = list(out.iterdir())

@@ -27,8 +27,13 @@ FENCE = re.compile(r"^```([^\n`]*)\n(.*?)^```\s*$", re.DOTALL | re.MULTILINE)
 SMALL = ["--epochs", "1", "--train-per-class", "20"]
 SMALL_BUDGET = {
     "scripts/train.py": [*SMALL, "--time-budget", "0"], "scripts/sweep.py": SMALL, "scripts/compare.py": SMALL,
-    "bench/deploy_speed.py": ["--n-test", "50", "--reps", "2"],  # timing figures come from bench runs, not the suite
+    "scripts/study.py": [*SMALL, "--time-budget", "0"],
+    "bench/deploy_speed.py": ["--n-test", "50", "--reps", "5"],  # timing figures come from bench runs, not the suite
 }  # fmt: skip
+
+
+# the documented CPU launch: two processes of imports and gloo setup, so it runs in test_distributed, not twice
+DOC_TORCHRUN = "torchrun --nproc_per_node 2 scripts/train.py --data sample --arch tiny --epochs 1 --bs 128"
 
 
 def blocks(path: Path) -> list[tuple[str, set[str], str, int]]:
@@ -79,6 +84,7 @@ APPS = {
     "scripts/sweep.py": ("cifar_fastai.cli", "sweep_app"),
     "scripts/compare.py": ("cifar_fastai.cli", "compare_app"),
     "scripts/transfer_study.py": ("cifar_fastai.cli", "transfer_app"),
+    "scripts/study.py": ("cifar_fastai.cli", "study_app"),
 }
 
 
@@ -88,8 +94,14 @@ def run_script_in_process(script: str, args: list[str]) -> str:
         module, name = APPS[script]
         app = getattr(__import__(module, fromlist=[name]), name)
     else:  # the script's own typer app, loaded without running its __main__ block
-        app = runpy.run_path(str(REPO / script), run_name="snippet").get("app")
-    if app is None:  # a script without an app object (typer.run): in a process of its own
+        found = runpy.run_path(str(REPO / script), run_name="snippet")
+        app = found.get("app")
+        if app is None and callable(found.get("main")):  # `typer.run(main)`: the same command, as an app
+            import typer
+
+            app = typer.Typer()
+            app.command()(found["main"])
+    if app is None:  # a script with neither: in a process of its own
         env = {**os.environ, "PYTHONPATH": str(REPO)}
         res = subprocess.run([sys.executable, script, *args], env=env, capture_output=True, text=True, check=False)
         assert res.returncode == 0, f"python {script} {' '.join(args)}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
@@ -99,7 +111,14 @@ def run_script_in_process(script: str, args: list[str]) -> str:
     return res.output
 
 
+# a command that names the shipped sample's folder as "any other folder" reads the small sample too (its 1,000
+# test images cost a test pass and TTA each; test_data checks the shipped sample itself)
+SHIPPED_SAMPLE = "cifar_fastai/sample/cifar10_sample"
+
+
 def run_bash_block(code: str, env: dict[str, str]) -> None:
+    from cifar_fastai.data import sources
+
     for cmd in commands(code):
         cmd = cmd.split("  #")[0].strip()  # a trailing comment
         for part in cmd.split("&&"):
@@ -111,18 +130,13 @@ def run_bash_block(code: str, env: dict[str, str]) -> None:
                 env[m.group(1)] = out.stdout.strip()
                 continue
             words = shlex.split(expand(part, env))
+            words = [str(sources.SAMPLE_DIR) if w == SHIPPED_SAMPLE else w for w in words]
             if words[:1] == ["python"] and len(words) > 1 and words[1].endswith(".py"):
                 run_script_in_process(words[1], words[2:])
             elif words[:3] == ["python", "-m", "pytest"]:
                 continue  # the suite is what runs this
-            elif words[:1] == ["torchrun"] and "scripts/train.py" in words:  # processes of their own, the same budget
-                from cifar_fastai.data import sources
-
-                # and the same small `sample`, which the launched processes cannot see patched
-                words = [str(sources.SAMPLE_DIR) if w == "sample" and words[i - 1] == "--data" else w
-                         for i, w in enumerate(words)]  # fmt: skip
-                res = subprocess.run([*words, *SMALL], env=env, capture_output=True, text=True, check=False)
-                assert res.returncode == 0, f"{part}\n{res.stdout[-2000:]}\n{res.stderr[-2000:]}"
+            elif words[:1] == ["torchrun"]:  # the one CPU launch is test_distributed's, run once there
+                assert part == DOC_TORCHRUN, f"{part}: a torchrun command test_distributed does not run"
             else:
                 res = subprocess.run(["bash", "-c", part], env=env, capture_output=True, text=True, check=False)
                 assert res.returncode == 0, f"{part}\n{res.stdout}\n{res.stderr}"
@@ -152,9 +166,14 @@ def small_sample(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("path", [p for p in DOCS if any(r[0] == p for r in RUN)], ids=lambda p: p.name)
 def test_snippets_run_as_written(path, workdir, small_sample, monkeypatch):
     from cifar_fastai.data import sources
+    from cifar_fastai.studies import study
+    from cifar_fastai.studies.compare import run_row
+    from cifar_fastai.training.resolve import resolve
 
     monkeypatch.chdir(workdir)
-    monkeypatch.setattr(sources, "SAMPLE_DIR", small_sample)  # in-process commands (torchrun's get it as a path)
+    monkeypatch.setattr(sources, "SAMPLE_DIR", small_sample)  # every command runs in this process
+    # a study's rows in this process too: the row process itself is test_cifar_resnets' (compare) to check
+    monkeypatch.setattr(study, "spawn_row", lambda cfg, explicit, measure=None: run_row(resolve(cfg, explicit), measure))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     for doc, lang, code, line in RUN:
         if doc != path:

@@ -5,11 +5,15 @@ from __future__ import annotations
 import csv
 import dataclasses
 import json
+import sys
+import types
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from cifar_fastai import TrainConfig
+from cifar_fastai.cli import train_app
 from cifar_fastai.errors import CifarFastaiError, ConfigError
 from cifar_fastai.models import get_arch
 from cifar_fastai.models.cifar_resnet import PatchWhiten
@@ -90,21 +94,40 @@ def bench(tiny_data, tmp_path_factory):
         return speeds
 
     module["host_speed"] = probe
+
+    def train_in_process(cmd, check, cwd):
+        """`python scripts/train.py ...` as the benchmark spawns it, run here (a process of imports per recipe saved;
+        the script itself runs as a process in test_cli)."""
+        assert cmd[:2] == [sys.executable, str(REPO / "scripts/train.py")] and check and cwd == REPO
+        res = CliRunner().invoke(train_app, cmd[2:])
+        assert res.exit_code == 0, res.output[-3000:]
+
+    module["subprocess"] = types.SimpleNamespace(run=train_in_process)
     out = tmp_path_factory.mktemp("bench") / "tta.json"
-    invoke(main, "--data", str(tiny_data), "--recipes", ",".join(BENCHED), "--seeds", "0", "--epochs", "2",
+    # fast runs as a variant (the recipe with an option on top, under its own name): the A/B form of the benchmark
+    invoke(main, "--data", str(tiny_data), "--runs", "fast-half-tta:0", "--runs", "record:0", "--epochs", "2",
+           "--variant", f"fast-half-tta=fast {' '.join(VARIANT_OPTIONS)}",
            "--train-per-class", "10", "--out", str(out), "--host-speed", "--probe-scale", "0.1")  # fmt: skip
     return json.loads(out.read_text()), out, probes
+
+
+VARIANT_OPTIONS = ("--tta-select", "0.5")
+RUN_NAME = {"record": "record", "fast": "fast-half-tta"}
 
 
 @pytest.mark.parametrize("recipe", BENCHED)
 def test_the_benchmark_runs_the_record_and_fast_recipes_end_to_end_on_tiny_data(recipe, bench):
     """Through the time-to-accuracy benchmark: train.py --recipe, JSON, curve and plot, the record as yardstick."""
     result, out, probes = bench
-    assert sorted(r["recipe"] for r in result["runs"]) == sorted(BENCHED)
-    i, run = next((i, r) for i, r in enumerate(result["runs"]) if r["recipe"] == recipe)  # i: the order they ran in
-    assert run["config"]["arch"] == RECIPES[recipe].options["arch"] and run["config"]["recipe"] == recipe
+    assert [r["recipe"] for r in result["runs"]] == ["record", "fast-half-tta"], "the record first, whatever the order"
+    name = RUN_NAME[recipe]
+    i, run = next((i, r) for i, r in enumerate(result["runs"]) if r["recipe"] == name)  # i: the order they ran in
+    assert run["base_recipe"] == recipe == run["config"]["recipe"]
+    assert run["config"]["arch"] == RECIPES[recipe].options["arch"]
     assert run["config"]["train_per_class"] == 10 and run["config"]["epochs"] == 2, "the overrides reached train.py"
-    run_dir = out.parent / "tta_runs" / f"{recipe}-seed0"
+    # the variant's options reached its run, and only its run
+    assert run["config"]["tta_select"] == (0.5 if recipe == "fast" else 1.0)
+    run_dir = out.parent / "tta_runs" / f"{name}-seed0"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     # he2015 reports the plain test accuracy only (no TTA), as the paper does
     reported = (metrics["test_accuracy"], metrics.get("test_accuracy_tta"))
@@ -115,7 +138,8 @@ def test_the_benchmark_runs_the_record_and_fast_recipes_end_to_end_on_tiny_data(
     # one point per epoch fit (a time budget may stop a run before its 2), in the order the run made them
     assert 1 <= len(walls) == len(history) <= 2 and walls == sorted(walls) and walls[-1] <= run["process_wall_s"]
     assert [float(h["elapsed_s"]) for h in history] == sorted(float(h["elapsed_s"]) for h in history)
-    summary = result["summary"][recipe]
+    summary = result["summary"][name]
+    assert summary["base_recipe"] == recipe
     if recipe in ("fast", "long"):  # the baseline and the sample's first model have no full-data target
         assert summary["target"]["test_accuracy"] in (0.91, 0.93)
     # measured in the same invocation, the record's recipe is the yardstick of the others
@@ -124,6 +148,9 @@ def test_the_benchmark_runs_the_record_and_fast_recipes_end_to_end_on_tiny_data(
     else:
         record = result["summary"]["record"]["process_wall_s"]["mean"]
         assert summary["vs_record"]["wall_ratio"] == pytest.approx(run["process_wall_s"] / record)
+        assert summary["vs_record"]["goal"]["max_wall_ratio"] == 0.75, "a variant is held to its recipe's goal"
+        budget = 0.75 * result["runs"][0]["process_wall_s"]  # and gets its recipe's budget: a share of the record's
+        assert run["config"]["time_budget"] == pytest.approx(budget, abs=0.06)
     assert out.with_suffix(".png").stat().st_size > 0
     # the host measured right before and right after this run, at the probe scale asked for, and averaged
     assert [scale for scale, _ in probes] == [0.1] * 2 * len(BENCHED)
@@ -150,6 +177,19 @@ def test_each_recipe_trains_tests_and_exports_from_the_cli(recipe, tiny_data, tm
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert ("test_accuracy_tta" in metrics) == bool(RECIPES[recipe].options.get("tta"))
     assert 1 <= len(list(csv.DictReader((run_dir / "history.csv").open()))) <= 2 and (run_dir / "export.pkl").exists()
+
+
+def test_benchmark_variants_parse_into_a_recipe_and_options_and_refuse_what_is_not_one():
+    import typer
+
+    parse = script_app("bench/time_to_accuracy.py", "parse_variants")
+    assert parse(["fast-sel=fast --select 0.5 --ema 0.99", "l=long"]) == {
+        "fast-sel": ("fast", ["--select", "0.5", "--ema", "0.99"]),
+        "l": ("long", []),
+    }
+    for bad in ("fast --select 0.5", "=fast", "x=", "x=--select 0.5", "a:b=fast"):
+        with pytest.raises(typer.BadParameter, match="NAME=RECIPE"):
+            parse([bad])
 
 
 def test_host_speed_probe_scales_its_work_and_reports_the_reference_ratios(monkeypatch):

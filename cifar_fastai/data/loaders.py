@@ -97,7 +97,7 @@ def _tensor_dls(index, train, valid, test, cfg, stats):
             bs=cfg.bs,
             shuffle=train_mode,
             drop_last=train_mode,
-            after_batch=batch_tfms_for(cfg.size, stats, pad=cfg.crop_pad, flip=not alternate),
+            after_batch=batch_tfms_for(cfg.size, stats, pad=cfg.crop_pad, flip=cfg.flip and not alternate),
             num_workers=workers,
         )
 
@@ -105,7 +105,7 @@ def _tensor_dls(index, train, valid, test, cfg, stats):
     return dls, dl(test, 1, False)
 
 
-def datablock(vocab: list[str], valid_idx, size: int, stats, pad: int = 4, augment: str = "none") -> DataBlock:
+def datablock(vocab: list[str], valid_idx, size: int, stats, pad: int = 4, augment: str = "none", flip: bool = True) -> DataBlock:
     """The general fastai path: any folder of images, each prepared as the demo prepares an upload (`CifarImage`:
     RGB, centre square, 32 px), then the same batch transforms; `augment`: the `--augment` policy per training item."""
     return DataBlock(
@@ -113,7 +113,7 @@ def datablock(vocab: list[str], valid_idx, size: int, stats, pad: int = 4, augme
         get_y=parent_label,
         splitter=IndexSplitter(valid_idx),
         item_tfms=[Resize(NATIVE_SIZE)] + ([PolicyAugment(augment)] if augment != "none" else []),
-        batch_tfms=batch_tfms_for(size, stats, pad=pad),
+        batch_tfms=batch_tfms_for(size, stats, pad=pad, flip=flip),
     )
 
 
@@ -121,7 +121,7 @@ def _datablock_dls(index, train, valid, test, cfg, stats):
     items = [index.files[i] for i in np.concatenate([train, valid])]
     valid_pos = list(range(len(train), len(train) + len(valid)))
     workers = cfg.workers if cfg.workers is not None else default_workers("datablock", cfg)
-    dls = datablock(index.vocab, valid_pos, cfg.size, stats, cfg.crop_pad, cfg.augment).dataloaders(
+    dls = datablock(index.vocab, valid_pos, cfg.size, stats, cfg.crop_pad, cfg.augment, cfg.flip).dataloaders(
         items, bs=cfg.bs, num_workers=workers
     )
     test_dl = dls.test_dl([index.files[i] for i in test], with_labels=True)

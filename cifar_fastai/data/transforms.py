@@ -68,7 +68,7 @@ class BatchResize(Transform):
 
 def batch_tfms_for(size: int, stats, augment: bool = True, pad: int = 4, flip: bool = True) -> list[Transform]:
     """The batch pipeline shared by the DataBlock and the tensor loader, so both give the same inputs.
-    `flip=False` when the loader mirrors images itself (the tensor loader's alternating flip)."""
+    `flip=False`: no random mirror (--no-flip, or the tensor loader mirrors images itself: its alternating flip)."""
     tfms: list[Transform] = [IntToFloatTensor(), Normalize.from_stats(*stats, cuda=False)]
     if augment:
         tfms.insert(0, PadCropFlip(pad=pad, flip=flip))

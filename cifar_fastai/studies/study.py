@@ -1,0 +1,342 @@
+"""Named studies (`scripts/study.py NAME`): the questions of docs/studies.md, each a list of rows trained under one
+budget, on any CIFAR-layout data.
+
+Every row is one `train()` run in a process of its own (`compare.spawn_row`: its peak memory and wall time are its
+own, a crashed row does not end the study), then measured there (params, FLOPs, epochs reached, and for `robust` a
+PGD-20 attack). Rows go into `<out>/<name>/study.csv` as they finish, with `study.md` (the table, the budget and the
+machine) and `study.png` rewritten after each; rerunning the command skips the rows already in the CSV. The budget
+(the settings every row shares) is kept in `budget.json`, and a rerun with another budget into the same folder is
+refused: the table would mix two budgets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import os
+import statistics
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..config import TrainConfig
+from ..errors import ConfigError, StudyError, TrainingError
+from ..training.resolve import resolve
+from .compare import budget_of, spawn_row
+
+COLUMNS = ["row", "seed", "arch", "width", "params_m", "mflops", "epochs", "train_img_s", "peak_mem_mb", "wall_s",
+           "valid_acc", "test_acc", "robust_acc", "attack_n", "run"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    options: dict = field(default_factory=dict)  # TrainConfig fields on top of the study's base
+
+
+@dataclass(frozen=True)
+class Study:
+    name: str
+    question: str
+    base: dict  # the budget: TrainConfig fields every row shares
+    rows: tuple[Row, ...]
+    seeds: tuple[int, ...] = (0,)
+    measure: dict | None = (
+        None  # in the row's process after training: {"attack": "pgd", "eps": ..., "steps": ..., "n": ...}
+    )
+    plot: str = "bars"  # "cost": accuracy against wall time, FLOPs and params; "bars": accuracy per row
+
+
+def _arch_rows(specs: str) -> tuple[Row, ...]:
+    rows = []
+    for spec in specs.split():
+        arch, _, width = spec.partition(":")
+        rows.append(Row(spec, {"arch": arch, "width": float(width or 1)}))
+    return tuple(rows)
+
+
+# The same schedule for every net: AdamW one-cycle (fastai's default fit), batch 128, pad-crop-flip; each row as many
+# epochs of --epochs as end in --time-budget (the schedule still finishes), so the table answers "what wins in ten
+# minutes on this machine"; with --budget 0 every row trains --epochs ("what wins per epoch").
+_DEPTH_WIDTH = {"time_budget": 600.0, "epochs": 60, "bs": 128, "lr": 2e-3, "wd": 0.05, "precision": "auto"}
+
+# The fast recipe's net and optimizer at a fixed epoch count (no time budget: each row trains the same images); the
+# baseline row is the recipe's own augmentation and regularization (2-px pad-crop, alternating flip, label smoothing
+# 0.2, weight decay 0.05, no dropout), and each other row changes one thing.
+_ABLATION = {"recipe": "fast", "epochs": 8, "time_budget": 0.0, "tta": False}
+_NO_FLIP = {"alt_flip": False, "flip": False}
+
+# Equal wall time for the three kinds of training; all attacked at eps 8/255 (Madry et al. 2018's CIFAR-10 setting).
+# FGSM with a random start and step 1.25 eps is Wong et al. 2020 ("Fast is better than free"): one PGD step from a
+# uniform start. PGD-7 with step 2/255 is Madry et al.'s training attack.
+_ROBUST = {"arch": "resnet20", "time_budget": 600.0, "epochs": 60, "bs": 128, "lr": 2e-3, "eps": 8 / 255,
+           "precision": "fp32"}  # fmt: skip
+
+STUDIES = {
+    s.name: s
+    for s in (
+        Study(
+            "depth-width", "how ResNet depth and width change accuracy and cost at equal wall time",
+            _DEPTH_WIDTH,
+            _arch_rows("resnet20 resnet56 resnet110 resnet20:2 resnet20:4 cifar_resnet18:0.5 cifar_resnet18 "
+                       "cifar_resnet50 resnet18 resnet50 resnet9 airbench_resnet"),
+            plot="cost",
+        ),
+        Study(
+            "augment", "what augmentation and regularization buy, one change at a time from the fast recipe",
+            _ABLATION,
+            (
+                Row("fast recipe"),  # crop 2 + alternating flip, label smoothing 0.2, wd 0.05, no dropout
+                Row("none", {"crop_pad": 0, **_NO_FLIP}),
+                Row("flip only", {"crop_pad": 0}),
+                Row("crop only", dict(_NO_FLIP)),
+                Row("crop 4 + flip", {"crop_pad": 4, "alt_flip": False}),
+                Row("+ cutout 0.5", {"cutout": 0.5}),
+                Row("+ mixup 0.4", {"mixup": 0.4}),
+                Row("label smoothing 0", {"label_smoothing": 0.0}),
+                Row("weight decay 0", {"wd": 0.0}),
+                Row("weight decay 3x", {"wd": 0.15}),
+                Row("dropout 0.2", {"dropout": 0.2}),
+            ),
+            seeds=(0, 1),
+        ),
+        Study(
+            "robust", "what adversarial training costs and buys at equal wall time (PGD-20 robust accuracy)",
+            _ROBUST,
+            (
+                Row("standard"),
+                Row("fgsm-rs", {"adv": "pgd", "adv_steps": 1, "adv_alpha": 1.25 * 8 / 255}),
+                Row("pgd-7", {"adv": "pgd", "adv_steps": 7, "adv_alpha": 2 / 255}),
+            ),
+            measure={"attack": "pgd", "eps": 8 / 255, "alpha": 2 / 255, "steps": 20, "n": 1000},
+        ),
+    )
+}  # fmt: skip
+
+
+def get_study(name: str) -> Study:
+    if name not in STUDIES:
+        raise StudyError(f"unknown study {name!r}: choose one of {', '.join(STUDIES)}")
+    return STUDIES[name]
+
+
+def pick_rows(study: Study, only: str | None) -> tuple[Row, ...]:
+    """`--rows "a,b"`: a subset of the study's rows by label (a row label may hold spaces, not commas)."""
+    if not only:
+        return study.rows
+    labels = [x.strip() for x in only.split(",") if x.strip()]
+    known = {r.label: r for r in study.rows}
+    if missing := [x for x in labels if x not in known]:
+        raise StudyError(f"--rows {', '.join(missing)}: not a row of {study.name} ({'; '.join(known)})")
+    return tuple(known[x] for x in labels)
+
+
+def machine() -> dict:
+    """What every figure of the table depends on: the CPU kind (they differ between hosts), its cores, the versions."""
+    from ..utils import cpu_info, versions
+
+    flags = cpu_info()["flags"]
+    return {"cpu": cpu_info()["model"], "cores": os.cpu_count(), "bf16": "avx512_bf16" in flags,
+            "amx": "amx_tile" in flags, "versions": versions()}  # fmt: skip
+
+
+def check_budget(folder: Path, budget: dict) -> None:
+    """Refuse a folder trained under another budget; options the project gained since count as their defaults."""
+    path = folder / "budget.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        defaults = budget_of(TrainConfig())
+        old = {**{k: defaults[k] for k in budget if k in defaults and k not in saved}, **saved}
+        if changed := sorted(k for k in set(old) | set(budget) if old.get(k) != budget.get(k)):
+            what = ", ".join(f"{k}: {old.get(k)} -> {budget.get(k)}" for k in changed)
+            raise StudyError(f"{folder} holds a study with another budget ({what}): use another --name, or the same "
+                             "settings to resume it")  # fmt: skip
+    folder.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(budget, indent=2, default=str))
+
+
+def read_rows(path: Path) -> list[dict]:
+    if not path.exists():
+        return []
+    with path.open() as f:
+        return list(csv.DictReader(f))
+
+
+@contextlib.contextmanager
+def held(lock: str | None):
+    """An exclusive `flock` on the file `lock` while the block runs (none: no lock). Other timed work on the machine
+    (a benchmark, another study, `flock FILE command`) takes the same file, so no row is timed beside it."""
+    if not lock:
+        yield
+        return
+    import fcntl
+
+    with open(lock, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def run_study(
+    study: Study, base: TrainConfig, explicit: Collection[str] = (), folder: Path | None = None,
+    seeds: tuple[int, ...] | None = None, rows: tuple[Row, ...] | None = None, lock: str | None = None,
+) -> Path:  # fmt: skip
+    """Train every row x seed of `study` from `base` (the study's budget with the user's options on top; `explicit`:
+    the options they gave) into `folder` (default `<base.out>/<study.name>`), each row under `lock` (a file to
+    `flock`); returns the folder."""
+    folder = Path(folder or Path(base.out) / study.name)
+    seeds = seeds or study.seeds
+    rows = rows or study.rows
+    budget = {**budget_of(base), "measure": study.measure}
+    budget.pop("seed", None)  # the rows' seeds are their own column
+    check_budget(folder, budget)
+    plans = []
+    for row in rows:  # every row's settings checked before the first one trains
+        for seed in seeds:
+            cfg_name = f"{_slug(row.label)}-s{seed}"
+            try:
+                cfg = base.replace(**row.options, seed=seed, out=str(folder), name=cfg_name)
+                resolve(cfg, {*explicit, *row.options, "seed", "out", "name"})
+            except (ConfigError, TypeError) as e:
+                raise StudyError(f"{study.name} row {row.label!r} cannot be trained with these options: {e}") from None
+            plans.append((row, seed, cfg))
+    done_rows = read_rows(folder / "study.csv")
+    done = {(r["row"], int(r["seed"])) for r in done_rows}
+    failed = []
+    given = {*explicit, "seed", "out", "name"}
+    for row, seed, cfg in plans:
+        if (row.label, seed) in done:
+            print(f"{row.label} seed {seed}: already in {folder / 'study.csv'}, skipped", flush=True)
+            continue
+        print(f"=== {study.name}: {row.label}, seed {seed} ===", flush=True)
+        with held(lock):
+            result = spawn_row(cfg, {*given, *row.options}, study.measure)
+        if result is None:
+            failed.append(f"{row.label} (seed {seed})")
+            continue
+        done_rows.append({"row": row.label, "seed": seed, **result})
+        write_outputs(folder, study, done_rows, budget)
+    if done_rows:
+        write_outputs(folder, study, done_rows, budget)
+    print(f"table: {folder / 'study.md'}\nplot: {folder / 'study.png'}", flush=True)
+    if failed:
+        raise TrainingError(f"{len(failed)} row(s) failed: {', '.join(failed)} (rerun the command to retry them)")
+    return folder
+
+
+def _slug(label: str) -> str:
+    return "".join(c if c.isalnum() or c in "._-" else "-" for c in label).strip("-")[:60]
+
+
+def write_outputs(folder: Path, study: Study, rows: list[dict], budget: dict) -> None:
+    from ..utils import write_json
+
+    with (folder / "study.csv").open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
+    (folder / "study.md").write_text(markdown(study, rows, budget))
+    write_json(folder / "machine.json", machine())
+    plot(study, rows, folder / "study.png")
+
+
+def grouped(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["row"], []).append(r)
+    return out
+
+
+def _mean(rs: list[dict], key: str) -> float | None:
+    xs = [float(r[key]) for r in rs if r.get(key) not in (None, "")]
+    return statistics.fmean(xs) if xs else None
+
+
+def _acc(rs: list[dict], key: str) -> str:
+    xs = [float(r[key]) for r in rs if r.get(key) not in (None, "")]
+    if not xs:
+        return ""
+    text = f"{100 * statistics.fmean(xs):.2f}"
+    return text + (f" ({100 * min(xs):.2f}-{100 * max(xs):.2f})" if len(xs) > 1 else "")
+
+
+def markdown(study: Study, rows: list[dict], budget: dict) -> str:
+    robust = study.measure is not None
+    head = ["row", "seeds", "params (M)", "MFLOPs/image", "epochs", "train img/s", "peak mem (MB)", "wall (s)",
+            "valid acc (%)", "test acc (%)", *(["robust acc (%)"] if robust else [])]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    for label, rs in grouped(rows).items():
+        cells = [label, str(len(rs)), f"{_mean(rs, 'params_m'):.2f}", f"{_mean(rs, 'mflops'):,.0f}",
+                 f"{_mean(rs, 'epochs'):g}", f"{_mean(rs, 'train_img_s'):,.0f}", f"{_mean(rs, 'peak_mem_mb'):,.0f}",
+                 f"{_mean(rs, 'wall_s'):,.0f}", _acc(rs, "valid_acc"), _acc(rs, "test_acc"),
+                 *([_acc(rs, "robust_acc")] if robust else [])]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    m = machine()
+    shown = {k: v for k, v in budget.items() if k in SHOWN and v not in (None, "", False)}
+    lines += [
+        "",
+        f"Study `{study.name}`: {study.question}. Machine: {m['cpu']}, {m['cores']} cores.",
+        "Budget: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + ".",
+        (
+            "Accuracy: mean over the seeds (range in brackets). Wall: the row's whole `train()` (data, fit, test pass, "
+            "export). Peak mem: the row process's peak resident memory above its memory after imports. MFLOPs: forward "
+            "FLOPs per image at the training size (torch's FlopCounterMode, 1 MAC = 2 FLOPs)."
+        ),
+    ]
+    if robust:
+        a = study.measure
+        lines.append(
+            f"Robust acc: {a['attack'].upper()}-{a['steps']} at eps {a['eps'] * 255:g}/255 (step "
+            f"{a['alpha'] * 255:g}/255) on the first {rs[0].get('attack_n') or a['n']} test images."
+        )
+    return "\n".join(lines) + "\n"
+
+
+SHOWN = ("data", "recipe", "epochs", "time_budget", "bs", "lr", "wd", "optimizer", "schedule", "train_per_class",
+         "valid_pct", "precision", "eps", "tta", "measure")  # fmt: skip
+
+
+def plot(study: Study, rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = grouped(rows)
+    if study.plot == "cost":
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+        for ax, key, label in zip(axes, ("wall_s", "mflops", "params_m"),
+                                  ("wall time of the row (s)", "MFLOPs per image (forward)", "parameters (M)")):  # fmt: skip
+            for name, rs in groups.items():
+                x, y = _mean(rs, key), _mean(rs, "test_acc")
+                ax.scatter([x], [y])
+                ax.annotate(name, (x, y), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.set_xscale("log")
+            ax.set_xlabel(label)
+            ax.set_ylabel("test accuracy")
+            ax.grid(alpha=0.3)
+    else:
+        fig, ax = plt.subplots(figsize=(8, 0.45 * len(groups) + 1.5))
+        names = list(groups)
+        keys = ["test_acc", *(["robust_acc"] if study.measure else [])]
+        for k, key in enumerate(keys):
+            ys = [i + 0.4 * k for i in range(len(names))]
+            ax.barh(ys, [_mean(groups[n], key) or 0 for n in names], height=0.4, label=key.replace("_", " "))
+            for y, n in zip(ys, names):  # each seed as a dot: the spread the mean hides
+                ax.scatter([float(r[key]) for r in groups[n] if r.get(key) not in (None, "")], [y] * len(groups[n]),
+                           color="black", s=8, zorder=3)  # fmt: skip
+        ax.set_yticks(range(len(names)), names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("accuracy")
+        ax.grid(alpha=0.3, axis="x")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{study.name}: {study.question}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+__all__ = ["STUDIES", "Row", "Study", "StudyError", "get_study", "pick_rows", "run_study"]

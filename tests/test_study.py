@@ -1,0 +1,140 @@
+"""scripts/study.py: each named study end to end at a tiny budget, resumed row by row, refusing a changed budget."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cifar_fastai.cli import study_app
+from cifar_fastai.studies import study as study_module
+from cifar_fastai.studies.compare import run_row
+from cifar_fastai.studies.study import STUDIES
+from cifar_fastai.training.resolve import resolve
+
+# two cheap rows of each study (the row process itself: test_cifar_resnets' compare test runs it for real)
+ROWS = {"depth-width": "resnet20,resnet20:2", "augment": "none,fast recipe", "robust": "standard,fgsm-rs"}
+TINY = ["--epochs", "1", "--train-per-class", "10", "--time-budget", "0", "--seeds", "0"]
+
+
+@pytest.fixture
+def rows_in_process(monkeypatch):
+    """Each row trained in this process (imports paid once); records what every row was trained with."""
+    calls = []
+
+    def spawn(cfg, explicit, measure=None):
+        plan = resolve(cfg, explicit)
+        calls.append((plan.cfg, measure))
+        return run_row(plan, measure)
+
+    monkeypatch.setattr(study_module, "spawn_row", spawn)
+    return calls
+
+
+def run(*args: str):
+    return CliRunner().invoke(study_app, list(args))
+
+
+def test_every_named_study_is_in_the_test_and_its_labels_can_be_picked():
+    assert set(ROWS) == set(STUDIES), "each study runs end to end below"
+    for s in STUDIES.values():
+        labels = [r.label for r in s.rows]
+        assert len(set(labels)) == len(labels) and not any("," in x for x in labels), f"{s.name}: --rows splits on ','"
+
+
+@pytest.mark.parametrize("name", sorted(ROWS))
+def test_each_study_runs_end_to_end_and_writes_its_table_and_plot(name, tiny_data, tmp_path, rows_in_process, monkeypatch):
+    spec = STUDIES[name]
+    if spec.measure:  # the same attack at 2 steps on 50 images: the bookkeeping, not PGD-20's seconds
+        spec = dataclasses.replace(spec, measure={**spec.measure, "steps": 2, "n": 50})
+        monkeypatch.setitem(STUDIES, name, spec)
+    res = run(name, "--data", str(tiny_data), "--out", str(tmp_path), "--rows", ROWS[name], *TINY)
+    assert res.exit_code == 0, res.output[-3000:]
+    folder = tmp_path / name
+    rows = list(csv.DictReader((folder / "study.csv").open()))
+    assert [r["row"] for r in rows] == ROWS[name].split(",") and {r["seed"] for r in rows} == {"0"}
+    picked = {r.label: r for r in spec.rows}
+    for r, (cfg, measure) in zip(rows, rows_in_process):
+        options = picked[r["row"]].options
+        assert {k: getattr(cfg, k) for k in options} == options, "the row's own settings reached its run"
+        assert cfg.epochs == 1 and cfg.train_per_class == 10, "the user's options won over the study's budget"
+        for k, v in spec.base.items():  # the rest of the study's budget reached the run
+            if k not in ("epochs", "time_budget", "recipe") and k not in options:
+                assert getattr(cfg, k) == v, k
+        m = json.loads((Path(r["run"]) / "metrics.json").read_text())
+        assert float(r["test_acc"]) == round(m["test_accuracy"], 4) and int(r["epochs"]) == 1
+        assert measure == spec.measure
+        if measure:  # the robust study attacks each row's model on the run's own test images
+            assert 0 <= float(r["robust_acc"]) <= float(r["test_acc"]) + 0.05 and int(r["attack_n"]) == 50
+    if name == "augment":  # on top of the fast recipe: 'none' trains without crop and flip, the recipe row with both
+        (none, _), (recipe, _) = rows_in_process
+        assert (none.crop_pad, none.flip, none.alt_flip) == (0, False, False)
+        assert (recipe.crop_pad, recipe.alt_flip, recipe.arch, recipe.optimizer) == (2, True, "airbench_resnet", "muon")
+    table = (folder / "study.md").read_text()
+    assert all(f"| {label} | 1 |" in table for label in ROWS[name].split(","))
+    assert "Machine: " in table and "Budget: " in table and ("robust acc" in table) == bool(spec.measure)
+    assert json.loads((folder / "machine.json").read_text())["cores"] >= 1
+    assert (folder / "study.png").stat().st_size > 10_000
+
+
+def test_a_rerun_skips_finished_rows_and_a_changed_budget_is_refused(tiny_data, tmp_path, rows_in_process):
+    args = ["depth-width", "--data", str(tiny_data), "--out", str(tmp_path), *TINY]
+    assert run(*args, "--rows", "resnet20").exit_code == 0
+    res = run(*args, "--rows", "resnet20,resnet20:2")
+    assert res.exit_code == 0, res.output[-3000:]
+    assert "resnet20 seed 0: already in" in res.output
+    assert [cfg.width for cfg, _ in rows_in_process] == [1.0, 2.0], "the finished row was not trained again"
+    rows = list(csv.DictReader((tmp_path / "depth-width" / "study.csv").open()))
+    assert [r["row"] for r in rows] == ["resnet20", "resnet20:2"]
+    bad = run(*[a if a != "1" else "2" for a in args], "--rows", "resnet20")  # --epochs 2 into the same folder
+    assert bad.exit_code == 2 and "another budget" in bad.output and "epochs: 1 -> 2" in bad.output
+    assert len(rows_in_process) == 2, "refused before anything trained"
+
+
+def test_bad_study_names_rows_and_seeds_end_in_one_line(tiny_data, tmp_path, rows_in_process):
+    for args, message in [
+        (["nosuch"], "unknown study 'nosuch': choose one of depth-width, augment, robust"),
+        (["augment", "--rows", "cutout"], "--rows cutout: not a row of augment"),
+        (["robust", "--seeds", "a,b"], "--seeds a,b: comma-separated integers"),
+        (["depth-width", "--rows", "resnet20", "--mixup", "-1"], "--mixup -1: must be at least 0"),
+        (
+            ["augment", "--rows", "+ mixup 0.4", "--cutmix", "1"],
+            (
+                "augment row '+ mixup 0.4' cannot be trained with these "
+                "options: --mixup and --cutmix cannot be used together"
+            ),
+        ),
+    ]:
+        res = run(*args, "--data", str(tiny_data), "--out", str(tmp_path))
+        assert res.exit_code == 2 and f"error: {message}" in res.output and "Traceback" not in res.output, res.output
+    assert rows_in_process == []
+    listed = run("--list")
+    assert listed.exit_code == 0 and all(name in listed.output for name in STUDIES)
+
+
+def test_each_row_waits_for_the_lock_other_timed_work_holds(tiny_data, tmp_path, monkeypatch):
+    """--lock FILE: a row starts only once no other process holds an flock on FILE (a benchmark, another study)."""
+    import fcntl
+    import subprocess
+    import sys
+    import time
+
+    started = []
+    monkeypatch.setattr(study_module, "spawn_row", lambda cfg, explicit, measure=None: started.append(time.monotonic()))
+    lock = tmp_path / "cpu.lock"
+    holder = subprocess.Popen([sys.executable, "-c", (f"import fcntl, time; f = open({str(lock)!r}, 'a'); "
+                               "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(2)")],
+                              stdout=subprocess.PIPE, text=True)  # fmt: skip
+    assert holder.stdout.readline() == "held\n"
+    held_at = time.monotonic()
+    res = run("depth-width", "--data", str(tiny_data), "--out", str(tmp_path), "--rows", "resnet20", "--lock", str(lock),
+              *TINY)  # fmt: skip
+    assert holder.wait() == 0
+    assert "1 row(s) failed" in res.output, "the stand-in row reports nothing: counted as failed, as a crashed row"
+    assert len(started) == 1 and started[0] - held_at > 1.5, "the row began only after the other process let go"
+    with open(lock) as f:  # and the study let go of it too
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
