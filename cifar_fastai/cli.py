@@ -223,7 +223,8 @@ def _list_studies(value: bool) -> None:
         from .studies.study import STUDIES
 
         for s in STUDIES.values():
-            typer.echo(f"{s.name:14s} {s.question} ({len(s.rows)} rows x {len(s.seeds)} seed(s))")
+            size = f"{len(s.rows)} rows x {len(s.seeds)} seed(s)" if s.rows else f"search over {' x '.join(s.search)}"
+            typer.echo(f"{s.name:14s} {s.question} ({size})")
         raise typer.Exit()
 
 

@@ -60,6 +60,24 @@ def make_dataset(root: Path, n_train: int = 30, n_test: int = 10, seed: int = 0,
     return root
 
 
+# On a CPU with bf16 instructions `--precision auto` times a few steps of fp32 against bf16 (hardware.probe_precision)
+# and keeps the faster. Here the probe is a stand-in that finds bf16 faster, so on those hosts a test's `auto` run
+# trains in bf16 as it would on most of them, without seconds of probing per model shape, and nothing is written to
+# the user's cache; test_hardware checks the probe itself.
+PROBE_RATES = {False: 100.0, True: 150.0}  # bf16 (True) faster
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _precision_probe_stand_in(tmp_path_factory):
+    from cifar_fastai.training import hardware
+
+    table = tmp_path_factory.mktemp("probe") / "precision_probe.json"
+    with pytest.MonkeyPatch.context() as m:  # session-wide: the shared runs of the fixtures get it too
+        m.setattr(hardware, "step_rate", lambda model, x, y, bf16, steps=3: PROBE_RATES[bf16])
+        m.setattr(hardware, "probe_file", lambda: table)
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_data(tmp_path_factory) -> Path:
     """10 classes x (30 train + 10 test) 32x32 images, plus one corrupt JPEG in train/cat."""

@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from cifar_fastai import TrainConfig
 from cifar_fastai.cli import train_app
+from cifar_fastai.training import budget as budget_module
 from cifar_fastai.training.budget import TimeBudget, epoch_cost, plan_epochs
 
 
@@ -120,6 +121,41 @@ def test_a_shortened_run_still_ends_its_schedule_and_at_full_size(tiny_data):
     n_iter = len(learn.dls.train)
     assert seen[-1][2] < 0.12 / (3 * n_iter) + 1e-9, "the linear rate decays to ~0 over the 3 epochs, not 6"
     assert budget.summary() == {"budget_s": 1e9, "epochs_planned": 6, "epochs_run": 3}
+
+
+def test_a_first_epoch_far_over_the_budget_is_cut_early_so_the_schedule_still_decays(tiny_data, capsys, monkeypatch):
+    """A net too slow for its plan (the budget's clock made to advance 1 s per training batch): the first batches
+    project that 1 of 6 epochs fits, so the linear rate decays to ~0 within that epoch instead of following the
+    6-epoch plan."""
+    import types
+
+    from fastai.callback.core import Callback
+
+    from cifar_fastai.data.loaders import get_data
+    from cifar_fastai.training.learner import create_learner, norm_stats
+    from cifar_fastai.training.run import fit
+
+    clock = [0.0]
+    monkeypatch.setattr(budget_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Slow(Callback):
+        order = -30  # before the budget's own after_batch: the batch it measures is over
+
+        def after_batch(self):
+            if self.training:
+                clock[0] += 1.0
+
+    cfg = TrainConfig(data=str(tiny_data), arch="tiny", bs=8, epochs=6, valid_pct=0.2, schedule="linear", lr=0.01,
+                      optimizer="sgd", train_per_class=20)  # fmt: skip
+    learn = create_learner(cfg, get_data(cfg, norm_stats(cfg)))
+    n_iter = len(learn.dls.train)
+    assert n_iter >= 10, "enough batches to project from"
+    budget = TimeBudget(n_iter * 1.5 + budget_module.EXPORT_S, 0.0, 32)  # 1 epoch fits, not 2
+    fit(learn, cfg, [Slow(), budget])
+    assert len(learn.recorder.values) == 1 and budget.summary()["epochs_run"] == 1
+    early = max(2, min(budget_module.EARLY_BATCHES, n_iter // 5))
+    assert f"1 of 6 epochs fit (the first {early} batches of epoch 1 took {early} s" in capsys.readouterr().out
+    assert learn.recorder.lrs[-1] < 0.01 * 3 / n_iter, "the rate decayed over the one epoch that fit"
 
 
 def test_a_cut_made_after_a_slow_epoch_is_taken_back(tiny_data):

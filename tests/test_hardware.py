@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import typing
 from types import SimpleNamespace
 
 import pytest
@@ -39,6 +40,7 @@ def fake_gpu(monkeypatch):
 
 
 REAL_CPU_BF16_PAYS = hardware.cpu_bf16_pays
+REAL_STEP_RATE = hardware.step_rate  # read at import, before conftest's session-wide stand-in for the probe
 
 
 @pytest.fixture
@@ -74,6 +76,61 @@ def test_auto_on_cpu_and_mps(no_gpu, monkeypatch):
     assert resolve_precision("auto", MPS) == "fp32"
     with pytest.raises(HardwareError, match="CUDA only"):
         resolve_precision("fp16", MPS)
+
+
+class MixedPrecisionSpy(Callback):
+    """Whether the fit ran under the CPU's bf16 autocast (what the run did, beside what config.json says)."""
+
+    order = 100
+    seen: typing.ClassVar[list] = []
+
+    def before_batch(self):
+        if self.training:
+            MixedPrecisionSpy.seen.append(torch.is_autocast_enabled("cpu"))
+
+
+@pytest.mark.parametrize("rates,picked", [({False: 200.0, True: 120.0}, "fp32"), ({False: 100.0, True: 180.0}, "bf16")])
+def test_auto_on_a_bf16_cpu_trains_in_what_the_probe_measured_faster(rates, picked, tiny_data, tmp_path, monkeypatch,
+                                                                     capsys):  # fmt: skip
+    """The AMX host (bf16 no faster than fp32) and the AVX-512 BF16 host (bf16 faster): `auto` follows the probe,
+    says so, and probes each model shape once per machine."""
+    from cifar_fastai.training import run as run_module
+
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "amx_bf16"})
+    monkeypatch.setattr(hardware, "probe_file", lambda: tmp_path / "probe.json")
+    calls = []
+    monkeypatch.setattr(hardware, "step_rate", lambda model, x, y, bf16, steps=3: calls.append(bf16) or rates[bf16])
+    callbacks = run_module.run_callbacks
+    monkeypatch.setattr(run_module, "run_callbacks", lambda *a, **k: [*callbacks(*a, **k), MixedPrecisionSpy()])
+    MixedPrecisionSpy.seen = []
+    cfg = TrainConfig(data=str(tiny_data), arch="tiny", epochs=1, bs=16, lr=1e-2, device="cpu", out=str(tmp_path), name="p")
+    res = train(cfg)
+    out = capsys.readouterr().out
+    assert f"precision {picked} [--precision auto: probe: fp32 {rates[False]:,.0f}, bf16 {rates[True]:,.0f} images/s]" in out
+    assert json.loads((res.run_dir / "config.json").read_text())["resolved"]["hardware"]["precision"] == picked
+    assert MixedPrecisionSpy.seen and set(MixedPrecisionSpy.seen) == {picked == "bf16"}, "the fit ran as it says"
+    assert sorted(calls) == [False, True]
+    if picked == "bf16":  # the caching below is the same for either outcome
+        return
+    train(cfg.replace(name="p2"), verbose=False)
+    assert len(calls) == 2, "the same shape on the same machine: measured once"
+    train(cfg.replace(name="p3", width=0.5), verbose=False)
+    assert len(calls) == 4, "another shape is probed anew"
+    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2"})
+    train(cfg.replace(name="p4", width=0.25), verbose=False)
+    assert len(calls) == 4, "no bf16 instructions: fp32 without a probe"
+    assert "no bf16 instructions" in json.dumps(json.loads((tmp_path / "p4" / "config.json").read_text()))
+
+
+def test_the_probe_times_a_copy_and_leaves_the_model_as_it_was():
+    from cifar_fastai.models import get_arch
+
+    model = get_arch("tiny").builder(10)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    rate = REAL_STEP_RATE(model, x, y, bf16=False, steps=1)
+    assert rate > 0
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()), "weights and BN statistics untouched"
 
 
 def test_impossible_requests_are_clear_errors(no_gpu):

@@ -18,6 +18,7 @@ from cifar_fastai.training.resolve import resolve
 
 # two cheap rows of each study (the row process itself: test_cifar_resnets' compare test runs it for real)
 ROWS = {"depth-width": "resnet20,resnet20:2", "augment": "none,fast recipe", "robust": "standard,fgsm-rs"}
+SEARCHES = {"search"}  # a sweep, then one test run: its own test below
 TINY = ["--epochs", "1", "--train-per-class", "10", "--time-budget", "0", "--seeds", "0"]
 
 
@@ -40,7 +41,7 @@ def run(*args: str):
 
 
 def test_every_named_study_is_in_the_test_and_its_labels_can_be_picked():
-    assert set(ROWS) == set(STUDIES), "each study runs end to end below"
+    assert set(ROWS) | SEARCHES == set(STUDIES), "each study runs end to end below"
     for s in STUDIES.values():
         labels = [r.label for r in s.rows]
         assert len(set(labels)) == len(labels) and not any("," in x for x in labels), f"{s.name}: --rows splits on ','"
@@ -138,3 +139,30 @@ def test_each_row_waits_for_the_lock_other_timed_work_holds(tiny_data, tmp_path,
     assert len(started) == 1 and started[0] - held_at > 1.5, "the row began only after the other process let go"
     with open(lock) as f:  # and the study let go of it too
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_the_search_study_selects_on_folds_then_tests_the_chosen_setting_once(tiny_data, tmp_path, monkeypatch):
+    """k-fold validation picks the setting (the test images never seen by a trial), one run of it is tested, and a
+    rerun trains nothing again."""
+    from cifar_fastai.training import run as run_module
+
+    spec = dataclasses.replace(STUDIES["search"], search=("lr=1e-4,3e-2",))  # two settings: a clear winner
+    monkeypatch.setitem(STUDIES, "search", spec)
+    trained = []
+    train = run_module.train
+    monkeypatch.setattr(run_module, "train", lambda cfg, *a, **k: trained.append(cfg) or train(cfg, *a, **k))
+    args = ["search", "--data", str(tiny_data), "--out", str(tmp_path), "--arch", "tiny", "--folds", "2", "--bs", "16",
+            "--epochs", "2", "--train-per-class", "20"]  # fmt: skip
+    res = run(*args)
+    assert res.exit_code == 0, res.output[-3000:]
+    table = (tmp_path / "search" / "study.md").read_text()
+    sweep = list(csv.DictReader((tmp_path / "search" / "sweep" / "results.csv").open()))
+    assert len(sweep) == 2 and all(int(r["folds"]) == 2 for r in sweep), "each setting on both folds"
+    best = max(sweep, key=lambda r: float(r["mean_valid_accuracy"]))
+    metrics = json.loads((tmp_path / "search" / "chosen" / "metrics.json").read_text())
+    chosen = json.loads((tmp_path / "search" / "chosen" / "config.json").read_text())["config"]
+    assert chosen["lr"] == float(best["lr"]) and chosen["folds"] == 0, "the best on validation, trained once"
+    assert f"test accuracy {100 * metrics['test_accuracy']:.2f}%" in table and "| 0.0001 | 2 |" in table
+    assert len(trained) == 1, "one test run; the trials go through the sweep's own folds"
+    again = run(*args)
+    assert again.exit_code == 0 and len(trained) == 1, "a rerun reuses the sweep and the tested run"

@@ -94,6 +94,16 @@ def plan_epochs(
 SCALED_TOLERANCE = 0.25
 
 
+# A first epoch that alone takes most of the budget (a big net on a slow CPU: resnet20's epoch of 45,000 images took
+# 160 s on a 2-core AVX2 EPYC) is not waited for: its first batches are timed, and when the projection says that
+# fewer than half the planned epochs fit, `n_epoch` is set right then. fastai's schedule follows `n_epoch` at every
+# batch (`pct_train` grows by 1 / (n_iter * n_epoch)), so the one-cycle or linear rate then runs its whole shape over
+# the epochs that fit, not the first few percent of a plan that would be cut after the epoch. Smaller overruns wait
+# for the epoch's end as before (the first-epoch tolerance above). Progressive runs wait too: their first epochs are
+# at another size.
+EARLY_BATCHES, EARLY_CUT = 20, 0.5
+
+
 FITTED_TOLERANCE = 0.05
 
 
@@ -135,6 +145,26 @@ class TimeBudget(Callback):
 
     def before_train(self):
         self._t0 = time.perf_counter()
+
+    def after_batch(self):
+        early = max(2, min(EARLY_BATCHES, self.n_iter // 5))
+        if not self.training or self.epoch != 0 or self.n_planned or self.progressive or self.iter + 1 != early:
+            return
+        if self.n_iter < 2 * early:  # too few batches to project from
+            return
+        now = time.perf_counter()
+        cost = (now - self._t0) / early * self.n_iter  # the epoch's training seconds at this pace
+        n = plan_epochs(self.budget_s, self._t0 - self.start, 0, self.planned, lambda s: cost, 0.0, EXPORT_S, self.size)
+        n = distributed.broadcast_object(max(1, n))
+        if n < EARLY_CUT * self.planned:
+            self.reason = (f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit (the first {early} "
+                           f"batches of epoch 1 took {now - self._t0:.0f} s, {cost:.0f} s an epoch at that pace)")  # fmt: skip
+            if distributed.is_main():
+                print(self.reason, flush=True)
+            self.learn.n_epoch = n
+            # the batches done count as the same share of the shorter plan (TrainEvalCallback, after this callback,
+            # adds this batch's share), so the schedule ends exactly at its final rate
+            self.learn.pct_train = self.iter / (self.n_iter * n)
 
     def after_train(self):
         self.t_train = time.perf_counter() - self._t0

@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import copy
 import ctypes
+import json
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from fastai.callback.channelslast import ChannelsLast
 from fastai.callback.core import Callback
 from fastai.callback.fp16 import AMPMode, MixedPrecision
 from fastai.torch_core import default_device
 from fastcore.foundation import L
+from torch import nn
 from torch.amp import GradScaler
 
 from ..config import TrainConfig
@@ -55,6 +61,74 @@ def cpu_bf16_pays() -> bool:
     return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
+# ------------------------------------------------------------------------------------------------ precision probe
+# bf16 instructions do not make bf16 faster everywhere: on the Intel AMX host resnet18 trained no faster in bf16 than
+# in fp32, on the AMD AVX-512 BF16 host 1.3x faster. So where the CPU has them, `--precision auto` times a few training
+# steps of the run's own model in both and keeps the faster, once per CPU model x model shape x batch (a file in the
+# cache folder): the same choice for every later run of that shape on this machine.
+PROBE_STEPS, PROBE_BS = 3, 64
+
+
+def probe_file() -> Path:
+    from ..data.sources import cache_dir
+
+    return cache_dir() / "precision_probe.json"
+
+
+def probe_key(cfg: TrainConfig) -> str:
+    return "|".join(map(str, (cpu_info()["model"], torch.__version__, cfg.arch, cfg.width, cfg.size,
+                              min(cfg.bs, PROBE_BS), cfg.channels_last, cfg.threads or default_threads())))  # fmt: skip
+
+
+def measured_precision(cfg: TrainConfig) -> dict | None:
+    """What the probe measured for this run's shape on this machine (None: not measured yet)."""
+    try:
+        return json.loads(probe_file().read_text()).get(probe_key(cfg))
+    except (OSError, ValueError):
+        return None
+
+
+def step_rate(model: nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool, steps: int = PROBE_STEPS) -> float:
+    """Training images per second of `model` (a copy: the run's weights and BatchNorm statistics stay untouched)."""
+    model = copy.deepcopy(model).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+    step()  # warm-up: oneDNN picks and caches its kernels on the first call of a shape
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return steps * len(x) / (time.perf_counter() - t0)
+
+
+def probe_precision(model: nn.Module, cfg: TrainConfig, n_classes: int) -> dict:
+    """Time fp32 against bf16 autocast on this CPU for `model` and keep the faster (written to `probe_file()`)."""
+    bs = min(cfg.bs, PROBE_BS)
+    x = torch.randn(bs, 3, cfg.size, cfg.size, device=next(model.parameters()).device)
+    if cfg.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, n_classes, (bs,), device=x.device)
+    rates = {"fp32": step_rate(model, x, y, bf16=False), "bf16": step_rate(model, x, y, bf16=True)}
+    result = {"fp32_images_per_s": round(rates["fp32"], 1), "bf16_images_per_s": round(rates["bf16"], 1),
+              "picked": max(rates, key=rates.get), "cpu": cpu_info()["model"]}  # fmt: skip
+    path = probe_file()
+    try:
+        table = json.loads(path.read_text())
+    except (OSError, ValueError):
+        table = {}
+    table[probe_key(cfg)] = result
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(table, indent=2))
+    tmp.replace(path)  # whole or not at all: two runs starting at once both leave a readable table
+    return result
+
+
 def has_mps() -> bool:
     mps = getattr(torch.backends, "mps", None)
     return bool(mps and mps.is_available())
@@ -89,8 +163,9 @@ def resolve_device(requested: str = "auto") -> torch.device:
     raise HardwareError(f"--device {requested}: choose one of {', '.join(DEVICES)}")
 
 
-def resolve_precision(requested: str, device: torch.device) -> str:
-    """The precision actually used: `auto` is the fastest choice that is safe on `device`; impossible ones are errors."""
+def resolve_precision(requested: str, device: torch.device, cfg: TrainConfig | None = None) -> str:
+    """The precision actually used: `auto` is the fastest choice that is safe on `device` (on a CPU with bf16
+    instructions, what the probe measured for `cfg`'s model, once it has); impossible ones are errors."""
     kind = device.type
     if requested not in PRECISIONS:
         raise HardwareError(f"--precision {requested}: choose one of {', '.join(PRECISIONS)}")
@@ -119,8 +194,23 @@ def resolve_precision(requested: str, device: torch.device) -> str:
             "Use --precision fp32, or bf16 (CPU autocast), or auto"
         )
     if requested == "auto":
-        return "bf16" if cpu_bf16_pays() else "fp32"
+        if not cpu_bf16_pays():  # bf16 in software: always slower (docs/hardware.md)
+            return "fp32"
+        measured = measured_precision(cfg) if cfg is not None else None
+        return measured["picked"] if measured else "bf16"
     return requested
+
+
+def precision_reason(cfg: TrainConfig, device: torch.device) -> str:
+    """Why `--precision auto` picked what it did, for the hardware line."""
+    if cfg.precision != "auto" or device.type != "cpu":
+        return ""
+    if not cpu_bf16_pays():
+        return "no bf16 instructions"
+    m = measured_precision(cfg)
+    if not m:
+        return "bf16 instructions"
+    return f"probe: fp32 {m['fp32_images_per_s']:,.0f}, bf16 {m['bf16_images_per_s']:,.0f} images/s"
 
 
 def default_workers(loader: str, device_type: str = "cpu", n_cores: int | None = None) -> int:
@@ -194,11 +284,13 @@ class Runtime:
     cores: int
     gpu: str | None
     memory_kept: bool = False  # glibc told to keep freed memory (`--keep-memory`, `keep_freed_memory`)
+    precision_reason: str = ""  # why `auto` picked it (the probe's rates, or the CPU's lack of bf16)
 
     def line(self, cfg: TrainConfig) -> str:
         dev = self.device + (f" ({self.gpu})" if self.gpu else "")
+        why = f": {self.precision_reason}" if self.precision_reason else ""
         return (
-            f"hardware: device {dev} [--device {cfg.device}], precision {self.precision} [--precision {cfg.precision}], "
+            f"hardware: device {dev} [--device {cfg.device}], precision {self.precision} [--precision {cfg.precision}{why}], "
             f"{self.threads} threads, {self.workers} DataLoader workers, channels_last {'on' if self.channels_last else 'off'}"
             f" ({self.cores} cores){', freed memory kept' if self.memory_kept else ''}"
         )
@@ -214,7 +306,8 @@ def runtime(cfg: TrainConfig, dls=None) -> Runtime:
     workers = getattr(getattr(getattr(dls, "train", None), "fake_l", None), "num_workers", None)
     return Runtime(
         device=str(device),
-        precision=resolve_precision(cfg.precision, device),
+        precision=resolve_precision(cfg.precision, device, cfg),
+        precision_reason=precision_reason(cfg, device),
         threads=cfg.threads or default_threads(),
         workers=workers,
         channels_last=cfg.channels_last,
@@ -237,12 +330,13 @@ def setup(cfg: TrainConfig) -> Runtime:
 
 def place(learn, data, cfg: TrainConfig) -> Runtime:
     """Model and every DataLoader (train, valid, test) onto the chosen device; TfmdDL moves each batch there."""
-    rt = runtime(cfg, data.dls)
-    device = torch.device(rt.device)
+    device = resolve_device(cfg.device)
     learn.dls.to(device)
     data.test_dl.to(device)
     learn.model.to(device)
-    return rt
+    if cfg.precision == "auto" and device.type == "cpu" and cpu_bf16_pays() and measured_precision(cfg) is None:
+        probe_precision(learn.model, cfg, len(data.vocab))
+    return runtime(cfg, data.dls)
 
 
 class CpuMixedPrecision(MixedPrecision):
