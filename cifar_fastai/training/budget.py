@@ -136,7 +136,7 @@ class TimeBudget(Callback):
         self.reason = ""
 
     def before_fit(self):
-        self.planned, self.n_planned, self.measured = self.n_epoch, 0, {}
+        self.planned, self.n_planned, self.measured, self.cut_early = self.n_epoch, 0, {}, False
 
     def before_epoch(self):
         if self.epoch >= self.n_epoch:  # lowered after the previous epoch: the run ends here
@@ -161,7 +161,7 @@ class TimeBudget(Callback):
                            f"batches of epoch 1 took {now - self._t0:.0f} s, {cost:.0f} s an epoch at that pace)")  # fmt: skip
             if distributed.is_main():
                 print(self.reason, flush=True)
-            self.learn.n_epoch = n
+            self.learn.n_epoch, self.cut_early = n, True
             # the batches done count as the same share of the shorter plan (TrainEvalCallback, after this callback,
             # adds this batch's share), so the schedule ends exactly at its final rate
             self.learn.pct_train = self.iter / (self.n_iter * n)
@@ -198,7 +198,9 @@ class TimeBudget(Callback):
         full_measured = max(self.measured) >= self.size
         tolerance = 0.0 if full_measured else SCALED_TOLERANCE if quadratic else FITTED_TOLERANCE
         self.n_planned += 1
-        if self.n_planned == 1:
+        # the tolerance keeps the planned schedule through a slow warm-up; after an early cut the schedule is already
+        # the shorter one, and the tolerance would only let the run overrun its budget
+        if self.n_planned == 1 and not self.cut_early:
             tolerance = max(tolerance, FIRST_EPOCH_TOLERANCE)
         n = plan_epochs(
             self.budget_s, time.perf_counter() - self.start, done, self.planned, cost, valid_s, reserve, self.size,
