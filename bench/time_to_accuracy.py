@@ -119,7 +119,24 @@ def parse_variants(specs: list[str]) -> dict[str, tuple[str, list[str]]]:
         words = shlex.split(rest)
         if not sep or not name.strip() or not words or words[0].startswith("-") or ":" in name:
             raise typer.BadParameter(f"--variant {spec!r}: NAME=RECIPE [train.py options], e.g. 'fast-sel=fast --select 0.5'")
+        from cifar_fastai.training.recipes import RECIPES
+
+        if name.strip() in (*RECIPES, DOCS):  # its runs would be taken for the plain recipe's
+            raise typer.BadParameter(f"--variant {spec!r}: {name.strip()} is a recipe's name: give the variant its own")
+        if words[0] == DOCS:
+            raise typer.BadParameter(f"--variant {spec!r}: the fastai-docs run takes no train.py options")
         out[name.strip()] = (words[0], words[1:])
+    return out
+
+
+def without_budget(words: list[str]) -> list[str]:
+    """The options less `--time-budget VALUE`: the benchmark sets it from the record's wall time, which differs from
+    one invocation to the next."""
+    out, skip = [], False
+    for w in words:
+        if not skip and w != "--time-budget":
+            out.append(w)
+        skip = w == "--time-budget"
     return out
 
 
@@ -129,18 +146,25 @@ def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str], mea
     defaults to the recipe's."""
     name = name or recipe
     run_dir = runs / f"{name}-seed{seed}"
+    asked = {"recipe": recipe, "options": without_budget(extra)}
+    kept = run_dir / "bench_run.json"  # what the run in this folder was asked to train
+    if kept.exists() and (old := json.loads(kept.read_text())) != asked:
+        raise SystemExit(f"error: {run_dir} holds a run of {old['recipe']} {' '.join(old['options'])}, not of {recipe} "
+                         f"{' '.join(asked['options'])}: use another --out or variant name")  # fmt: skip
     if not (run_dir / "metrics.json").exists():
+        interrupted = (run_dir / "config.json").exists()  # train.py had started: its checkpoint continues it
         before = host_speed(scale) if measure_host else None
         cmd = [sys.executable, str(REPO / "scripts/train.py"), "--recipe", recipe, "--seed", str(seed), "--data", data]
         cmd += ["--out", str(runs), "--name", run_dir.name, *extra]
         if recipe == DOCS:  # its own process too, timed the same way (`docs`: epochs, training images per class)
             code = f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); from time_to_accuracy import docs_run; docs_run(*sys.argv[1:])"
             cmd = [sys.executable, "-c", code, data, str(run_dir), str(seed), *map(str, docs)]
-        elif run_dir.exists():  # an interrupted run: its checkpoint continues it (same config)
+        elif interrupted:  # its checkpoint continues it (same config)
             cmd = [sys.executable, str(REPO / "scripts/train.py"), "--resume", str(run_dir)]
         print("$", " ".join(cmd), flush=True)
         t0 = time.perf_counter()
         subprocess.run(cmd, check=True, cwd=REPO)
+        kept.write_text(json.dumps(asked))  # train.py names and makes the folder: written once it has
         (run_dir / "process_wall.json").write_text(json.dumps({"process_wall_s": time.perf_counter() - t0}))
         if measure_host:
             (run_dir / "host_speed.json").write_text(json.dumps(mean_speed(before, host_speed(scale)), indent=2))
@@ -264,7 +288,8 @@ def main(
         recipe, options = variants.get(name, (name, []))
         walls = [r["process_wall_s"] for r in results if r["recipe"] == BASELINE]
         budget = ["--time-budget", f"{shares[recipe] * statistics.fmean(walls):.1f}"] if shares.get(recipe) and walls else []
-        results.append(run_one(recipe, seed, data, runs_dir, [*extra, *options, *budget], host_speed, probe_scale, docs, name))
+        # a variant's own --time-budget, after the benchmark's share, wins
+        results.append(run_one(recipe, seed, data, runs_dir, [*extra, *budget, *options], host_speed, probe_scale, docs, name))
         out.parent.mkdir(parents=True, exist_ok=True)  # after every run: a stopped bench keeps what it has
         summary = summarize(results)
         command = "python bench/time_to_accuracy.py " + " ".join(sys.argv[1:])

@@ -98,6 +98,7 @@ def test_auto_on_a_bf16_cpu_trains_in_what_the_probe_measured_faster(rates, pick
 
     monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "amx_bf16"})
     monkeypatch.setattr(hardware, "probe_file", lambda: tmp_path / "probe.json")
+    monkeypatch.setattr(hardware, "_MEASURED", {})  # nothing this process measured before
     calls = []
     monkeypatch.setattr(hardware, "step_rate", lambda model, x, y, bf16, steps=3: calls.append(bf16) or rates[bf16])
     callbacks = run_module.run_callbacks
@@ -112,6 +113,7 @@ def test_auto_on_a_bf16_cpu_trains_in_what_the_probe_measured_faster(rates, pick
     assert sorted(calls) == [False, True]
     if picked == "bf16":  # the caching below is the same for either outcome
         return
+    monkeypatch.setattr(hardware, "_MEASURED", {})  # a later process: it reads the table
     train(cfg.replace(name="p2"), verbose=False)
     assert len(calls) == 2, "the same shape on the same machine: measured once"
     train(cfg.replace(name="p3", width=0.5), verbose=False)

@@ -190,6 +190,35 @@ def test_benchmark_variants_parse_into_a_recipe_and_options_and_refuse_what_is_n
     for bad in ("fast --select 0.5", "=fast", "x=", "x=--select 0.5", "a:b=fast"):
         with pytest.raises(typer.BadParameter, match="NAME=RECIPE"):
             parse([bad])
+    with pytest.raises(typer.BadParameter, match="a recipe's name"):  # its runs would pass for the plain recipe's
+        parse(["fast=fast --select 0.5"])
+
+
+def test_a_benchmark_folder_refuses_a_run_asked_with_other_options(tmp_path, monkeypatch):
+    """Runs are reused by folder name: one trained with other options (a variant redefined) is refused, not mixed in;
+    the --time-budget the benchmark computes anew each invocation is not an option that differs."""
+    run_one = script_app("bench/time_to_accuracy.py", "run_one")
+    folder = tmp_path / "v-seed0"
+    module = run_one.__globals__
+    spawned = []
+
+    def train(cmd, **kwargs):  # what train.py leaves when it is stopped before the end: its folder, no metrics
+        spawned.append(cmd)
+        folder.mkdir(exist_ok=True)
+
+    monkeypatch.setitem(module, "subprocess", types.SimpleNamespace(run=train))
+    monkeypatch.setitem(module, "host_speed", lambda scale=1.0: None)
+    with pytest.raises(FileNotFoundError):  # the stand-in trains nothing: no metrics.json to read
+        run_one("fast", 0, "sample", tmp_path, ["--select", "0.5", "--time-budget", "400"], False, name="v")
+    assert len(spawned) == 1 and json.loads((folder / "bench_run.json").read_text()) == {
+        "recipe": "fast", "options": ["--select", "0.5"]}
+    (folder / "config.json").write_text("{}")  # as if train.py had started, then been stopped
+    with pytest.raises(FileNotFoundError):  # same options, another budget: the same run, continued
+        run_one("fast", 0, "sample", tmp_path, ["--select", "0.5", "--time-budget", "300"], False, name="v")
+    assert spawned[-1][2:] == ["--resume", str(folder)]
+    with pytest.raises(SystemExit, match="holds a run of fast --select 0.5, not of fast --select 0.25"):
+        run_one("fast", 0, "sample", tmp_path, ["--select", "0.25"], False, name="v")
+    assert len(spawned) == 2
 
 
 def test_host_speed_probe_scales_its_work_and_reports_the_reference_ratios(monkeypatch):

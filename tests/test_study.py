@@ -141,16 +141,12 @@ def test_each_row_waits_for_the_lock_other_timed_work_holds(tiny_data, tmp_path,
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
-def test_the_search_study_selects_on_folds_then_tests_the_chosen_setting_once(tiny_data, tmp_path, monkeypatch):
+def test_the_search_study_selects_on_folds_then_tests_the_chosen_setting_once(tiny_data, tmp_path, monkeypatch,
+                                                                             rows_in_process):  # fmt: skip
     """k-fold validation picks the setting (the test images never seen by a trial), one run of it is tested, and a
     rerun trains nothing again."""
-    from cifar_fastai.training import run as run_module
-
     spec = dataclasses.replace(STUDIES["search"], search=("lr=1e-4,3e-2",))  # two settings: a clear winner
     monkeypatch.setitem(STUDIES, "search", spec)
-    trained = []
-    train = run_module.train
-    monkeypatch.setattr(run_module, "train", lambda cfg, *a, **k: trained.append(cfg) or train(cfg, *a, **k))
     args = ["search", "--data", str(tiny_data), "--out", str(tmp_path), "--arch", "tiny", "--folds", "2", "--bs", "16",
             "--epochs", "2", "--train-per-class", "20"]  # fmt: skip
     res = run(*args)
@@ -160,9 +156,18 @@ def test_the_search_study_selects_on_folds_then_tests_the_chosen_setting_once(ti
     assert len(sweep) == 2 and all(int(r["folds"]) == 2 for r in sweep), "each setting on both folds"
     best = max(sweep, key=lambda r: float(r["mean_valid_accuracy"]))
     metrics = json.loads((tmp_path / "search" / "chosen" / "metrics.json").read_text())
-    chosen = json.loads((tmp_path / "search" / "chosen" / "config.json").read_text())["config"]
-    assert chosen["lr"] == float(best["lr"]) and chosen["folds"] == 0, "the best on validation, trained once"
+    [(chosen, _)] = rows_in_process  # the one run outside the sweep's folds: the tested one
+    assert chosen.lr == float(best["lr"]) and chosen.folds == 0, "the best on validation, trained once"
     assert f"test accuracy {100 * metrics['test_accuracy']:.2f}%" in table and "| 0.0001 | 2 |" in table
-    assert len(trained) == 1, "one test run; the trials go through the sweep's own folds"
     again = run(*args)
-    assert again.exit_code == 0 and len(trained) == 1, "a rerun reuses the sweep and the tested run"
+    assert again.exit_code == 0 and len(rows_in_process) == 1, "a rerun reuses the sweep and the tested run"
+
+
+def test_a_refused_first_attempt_leaves_no_budget_behind_and_a_bad_lock_is_one_line(tiny_data, tmp_path,
+                                                                                    rows_in_process):  # fmt: skip
+    args = ["augment", "--data", str(tiny_data), "--out", str(tmp_path), "--rows", "+ mixup 0.4", *TINY]
+    assert run(*args, "--cutmix", "1").exit_code == 2 and rows_in_process == []
+    res = run(*args)  # corrected: not refused for the budget of the attempt that never trained
+    assert res.exit_code == 0 and "another budget" not in res.output, res.output[-2000:]
+    bad = run(*args, "--lock", str(tmp_path / "no" / "such" / "dir" / "cpu.lock"), "--name", "other")
+    assert bad.exit_code == 2 and "error: --lock" in bad.output and "Traceback" not in bad.output, bad.output

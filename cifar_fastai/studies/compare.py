@@ -23,10 +23,6 @@ from ..models import get_arch
 from ..training.resolve import Resolved, resolve
 from ..utils import eval_mode
 
-# The settings that differ between rows; everything else is the budget every row shares.
-ROW_FIELDS = ("arch", "width", "name", "out")
-
-
 # a grid spec that cannot be run, or a resumed grid whose budget differs from the first run: a study's error
 CompareError = StudyError
 
@@ -151,10 +147,6 @@ def spawn_row(cfg: TrainConfig, explicit: Collection[str], measure: dict | None 
         if proc.returncode != 0 or not out_path.exists():
             return None
         return json.loads(out_path.read_text())
-
-
-def budget_of(cfg: TrainConfig) -> dict:
-    return {k: v for k, v in cfg.to_dict().items() if k not in ROW_FIELDS}
 
 
 def compare(

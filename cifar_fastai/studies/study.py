@@ -15,6 +15,7 @@ import contextlib
 import csv
 import json
 import os
+import shutil
 import statistics
 from collections.abc import Collection
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError, StudyError, TrainingError
 from ..training.resolve import resolve
 from ..utils import write_json as write_json_file
-from .compare import budget_of, spawn_row
+from .compare import spawn_row
 
 COLUMNS = ["row", "seed", "arch", "width", "params_m", "mflops", "epochs", "train_img_s", "peak_mem_mb", "wall_s",
            "valid_acc", "test_acc", "robust_acc", "attack_n", "run"]  # fmt: skip
@@ -151,19 +152,33 @@ def machine() -> dict:
             "amx": "amx_tile" in flags, "versions": versions()}  # fmt: skip
 
 
+def study_budget(study: Study, base: TrainConfig) -> dict:
+    """What every row of the study shares: the config without the fields any of its rows sets (all its rows, so a
+    `--rows` subset keeps the same budget), the row's seed, name and folder; and the study's measurement (a search:
+    its grid, and its seed, which draws the folds)."""
+    varied = {k for r in study.rows for k in r.options} | {"name", "out"} | ({"seed"} if study.rows else set())
+    return {**{k: v for k, v in base.to_dict().items() if k not in varied}, "measure": study.measure,
+            **({"search": list(study.search)} if study.search else {})}  # fmt: skip
+
+
 def check_budget(folder: Path, budget: dict) -> None:
-    """Refuse a folder trained under another budget; options the project gained since count as their defaults."""
+    """Refuse a folder trained under another budget. Options the project gained since count as their defaults; a
+    setting the saved file has and this budget does not (no longer recorded) is not a change."""
     path = folder / "budget.json"
     if path.exists():
         saved = json.loads(path.read_text())
-        defaults = budget_of(TrainConfig())
+        defaults = TrainConfig().to_dict()
         old = {**{k: defaults[k] for k in budget if k in defaults and k not in saved}, **saved}
-        if changed := sorted(k for k in set(old) | set(budget) if old.get(k) != budget.get(k)):
+        if changed := sorted(k for k in budget if old.get(k) != budget.get(k)):
             what = ", ".join(f"{k}: {old.get(k)} -> {budget.get(k)}" for k in changed)
             raise StudyError(f"{folder} holds a study with another budget ({what}): use another --name, or the same "
                              "settings to resume it")  # fmt: skip
+
+
+def save_budget(folder: Path, budget: dict) -> None:
+    """After the settings were checked: a refused first attempt leaves no budget to refuse the corrected one with."""
     folder.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(budget, indent=2, default=str))
+    write_json_file(folder / "budget.json", budget)
 
 
 def read_rows(path: Path) -> list[dict]:
@@ -182,8 +197,16 @@ def held(lock: str | None):
         return
     import fcntl
 
-    with open(lock, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+        f = open(lock, "a")  # noqa: SIM115 - held across the yield
+    except OSError as e:
+        raise StudyError(f"--lock {lock}: {e.strerror}: give a file in a folder that exists") from None
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting for {lock}: other timed work holds it", flush=True)
+            fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -200,10 +223,9 @@ def run_study(
     folder = Path(folder or Path(base.out) / study.name)
     if study.search:
         return run_search(study, base, explicit, folder, lock)
-    seeds = seeds or study.seeds
+    seeds = tuple(dict.fromkeys(seeds or study.seeds))  # a seed given twice trains once
     rows = rows or study.rows
-    budget = {**budget_of(base), "measure": study.measure}
-    budget.pop("seed", None)  # the rows' seeds are their own column
+    budget = study_budget(study, base)
     check_budget(folder, budget)
     plans = []
     for row in rows:  # every row's settings checked before the first one trains
@@ -215,6 +237,7 @@ def run_study(
             except (ConfigError, TypeError) as e:
                 raise StudyError(f"{study.name} row {row.label!r} cannot be trained with these options: {e}") from None
             plans.append((row, seed, cfg))
+    save_budget(folder, budget)
     done_rows = read_rows(folder / "study.csv")
     done = {(r["row"], int(r["seed"])) for r in done_rows}
     failed = []
@@ -241,23 +264,27 @@ def run_study(
 
 def run_search(study: Study, base: TrainConfig, explicit: Collection[str], folder: Path, lock: str | None) -> Path:
     """The cross-validated sweep (scripts/sweep.py's engine: optuna, resumable), then the chosen setting trained once
-    on every training image and tested; `study.md` holds both."""
-    from ..training.run import train
+    on every training image, in a process of its own (its own clock for --time-budget), and tested; `study.md` holds
+    both."""
     from .sweep import sweep
 
-    budget = {**budget_of(base), "search": list(study.search)}
+    budget = study_budget(study, base)
     check_budget(folder, budget)
     with held(lock):  # one lock for the whole sweep: its trials run back to back in this process
         result = sweep(base, list(study.search), sweep_dir=folder / "sweep", explicit=explicit)
+    save_budget(folder, budget)  # the sweep checked its settings (and keeps its own study's)
     done = [r for r in result.table if r["state"] == "ok"]
     if not done:
         raise TrainingError("no setting of the search finished: rerun the command to resume it")
     chosen = done[0]["params"]
     final = folder / "chosen"
-    if not (final / "metrics.json").exists():  # a rerun reuses the finished test run
+    saved = json.loads((final / "config.json").read_text())["config"] if (final / "metrics.json").exists() else None
+    if saved is None or any(saved.get(k) != v for k, v in chosen.items()):
+        shutil.rmtree(final, ignore_errors=True)  # an interrupted run, or one of a setting no longer the best
         cfg = base.replace(**chosen, folds=0, fold=0, out=str(folder), name="chosen")
         with held(lock):
-            train(resolve(cfg, {*explicit, *chosen, "folds", "fold", "out", "name"}))
+            if spawn_row(cfg, {*explicit, *chosen, "folds", "fold", "out", "name"}) is None:
+                raise TrainingError("the chosen setting's run failed: rerun the command to train it again")
     metrics = json.loads((final / "metrics.json").read_text())
     (folder / "study.md").write_text(search_markdown(study, result.table, chosen, metrics, budget))
     write_json_file(folder / "machine.json", machine())

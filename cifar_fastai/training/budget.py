@@ -101,7 +101,7 @@ SCALED_TOLERANCE = 0.25
 # the epochs that fit, not the first few percent of a plan that would be cut after the epoch. Smaller overruns wait
 # for the epoch's end as before (the first-epoch tolerance above). Progressive runs wait too: their first epochs are
 # at another size.
-EARLY_BATCHES, EARLY_CUT = 20, 0.5
+EARLY_BATCHES, EARLY_CUT, VALID_SHARE = 20, 0.5, 0.4
 
 
 FITTED_TOLERANCE = 0.05
@@ -132,6 +132,7 @@ class TimeBudget(Callback):
     ):  # fmt: skip
         self.budget_s, self.start, self.size, self.progressive, self.shares = budget_s, start, size, progressive, shares
         self.test_scale = test_passes * n_test / max(n_valid, 1)
+        self.n_valid = n_valid
         self.planned = self.epochs_run = None
         self.reason = ""
 
@@ -154,7 +155,11 @@ class TimeBudget(Callback):
             return
         now = time.perf_counter()
         cost = (now - self._t0) / early * self.n_iter  # the epoch's training seconds at this pace
-        n = plan_epochs(self.budget_s, self._t0 - self.start, 0, self.planned, lambda s: cost, 0.0, EXPORT_S, self.size)
+        # the validation pass, not measured yet: forward passes only, about a third of a training step per image
+        # (docs/training.md), with a margin
+        valid_s = VALID_SHARE * cost * self.n_valid / max(self.n_iter * self.dls.train.bs, 1)
+        reserve = valid_s * self.test_scale + EXPORT_S
+        n = plan_epochs(self.budget_s, self._t0 - self.start, 0, self.planned, lambda s: cost, valid_s, reserve, self.size)
         n = distributed.broadcast_object(max(1, n))
         if n < EARLY_CUT * self.planned:
             self.reason = (f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit (the first {early} "
