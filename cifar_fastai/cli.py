@@ -248,6 +248,9 @@ def study_command(ctx: typer.Context | None = None, study: str = "", seeds: str 
 
     def job():
         spec = get_study(study)
+        if spec.search and (seeds.strip() or rows.strip()):
+            raise ConfigError(f"--rows and --seeds pick rows; {spec.name} is one search ({' x '.join(spec.search)}) "
+                              "and its --seed draws the folds")  # fmt: skip
         settings = {**kwargs, **{k: v for k, v in spec.base.items() if k not in explicit}}
         try:
             picked = tuple(int(x) for x in seeds.split(",")) if seeds.strip() else None

@@ -189,6 +189,7 @@ def test_time_budget_from_the_cli_stops_in_time_and_says_so(tiny_data, tmp_path)
                                          "--out", str(tmp_path), "--name", "b"])  # fmt: skip
     assert res.exit_code == 0, res.output[-2000:]
     assert "time budget 1 s: 1 of 3 epochs fit" in res.output
+    assert "epoch 1/1  " in res.output, "the epoch line counts the epochs of the plan now"
     run = tmp_path / "b"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["time_budget"] == {"budget_s": 1.0, "epochs_planned": 3, "epochs_run": 1}

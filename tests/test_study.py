@@ -101,6 +101,7 @@ def test_bad_study_names_rows_and_seeds_end_in_one_line(tiny_data, tmp_path, row
         (["nosuch"], "unknown study 'nosuch': choose one of depth-width, augment, robust"),
         (["augment", "--rows", "cutout"], "--rows cutout: not a row of augment"),
         (["robust", "--seeds", "a,b"], "--seeds a,b: comma-separated integers"),
+        (["search", "--rows", "x"], "--rows and --seeds pick rows; search is one search"),
         (["depth-width", "--rows", "resnet20", "--mixup", "-1"], "--mixup -1: must be at least 0"),
         (
             ["augment", "--rows", "+ mixup 0.4", "--cutmix", "1"],

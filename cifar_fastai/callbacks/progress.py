@@ -16,12 +16,9 @@ class PlainProgress(Callback):
 
     order = Recorder.order + 1
 
-    def before_fit(self):
-        self.n_epochs = self.learn.n_epoch
-
     def after_epoch(self):
         names, log = self.recorder.metric_names, self.recorder.log
-        parts = [f"epoch {log[0] + 1}/{self.n_epochs}"]
+        parts = [f"epoch {log[0] + 1}/{self.learn.n_epoch}"]  # the plan now: a time budget may have shortened it
         for name, value in zip(names[1:], log[1:]):
             parts.append(f"{name} {value:.4f}" if isinstance(value, float) else f"{name} {value}")
         print("  ".join(parts), flush=True)
