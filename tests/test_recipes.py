@@ -163,10 +163,6 @@ def test_the_benchmark_runs_the_record_and_fast_recipes_end_to_end_on_tiny_data(
 
 @pytest.mark.parametrize("recipe", sorted(set(RECIPES) - set(BENCHED)))
 def test_each_recipe_trains_tests_and_exports_from_the_cli(recipe, tiny_data, tmp_path):
-    from typer.testing import CliRunner
-
-    from cifar_fastai.cli import train_app
-
     res = CliRunner().invoke(train_app, ["--data", str(tiny_data), "--recipe", recipe, "--epochs", "2",
                                          "--train-per-class", "10", "--out", str(tmp_path), "--name", recipe])  # fmt: skip
     assert res.exit_code == 0, res.output[-2000:]
@@ -253,8 +249,6 @@ def test_host_speed_probe_scales_its_work_and_reports_the_reference_ratios(monke
 
 
 def test_cli_options_given_with_a_recipe_win_even_at_their_default(monkeypatch):
-    from typer.testing import CliRunner
-
     from cifar_fastai import cli
     from cifar_fastai.training import distributed
 
@@ -440,10 +434,7 @@ def test_lookahead_follows_airbench94s_average_and_resets_the_net_to_it():
 
 
 def test_lookahead_runs_from_the_cli(tiny_data, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
     from cifar_fastai.callbacks.fast import Lookahead
-    from cifar_fastai.cli import train_app
 
     averaged = []  # at each epoch's end: did the callback hold an average it reset the net to?
     after_train = Lookahead.after_train
@@ -609,9 +600,7 @@ def test_progressive_resize_shrinks_training_batches_only(tiny_data):
 
 def test_progressive_runs_from_the_cli_and_refuses_a_start_above_the_size(tiny_data, tmp_path, monkeypatch):
     from fastai.callback.core import Callback
-    from typer.testing import CliRunner
 
-    from cifar_fastai.cli import train_app
     from cifar_fastai.training import run
 
     spy = _SizeSpy()
