@@ -147,9 +147,9 @@ def machine() -> dict:
     """What every figure of the table depends on: the CPU kind (they differ between hosts), its cores, the versions."""
     from ..utils import cpu_info, versions
 
-    flags = cpu_info()["flags"]
-    return {"cpu": cpu_info()["model"], "cores": os.cpu_count(), "bf16": "avx512_bf16" in flags,
-            "amx": "amx_tile" in flags, "versions": versions()}  # fmt: skip
+    cpu = cpu_info()
+    return {"cpu": cpu["model"], "cores": os.cpu_count(), "bf16": "avx512_bf16" in cpu["flags"],
+            "amx": "amx_tile" in cpu["flags"], "versions": versions()}  # fmt: skip
 
 
 def study_budget(study: Study, base: TrainConfig) -> dict:
