@@ -161,6 +161,46 @@ def test_a_first_epoch_far_over_the_budget_is_cut_early_so_the_schedule_still_de
     assert learn.recorder.lrs[-1] < 0.01 * 3 / n_iter, "the rate decayed over the epochs that fit"
 
 
+def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_validates(tiny_data, capsys, monkeypatch):
+    """The same clock (1 s per training batch) with a budget of under half an epoch: the epoch is cut to the
+    batches that fit, the rate schedule ends within them, and validation, test and export still run."""
+    import types
+
+    from fastai.callback.core import Callback
+
+    from cifar_fastai.data.loaders import get_data
+    from cifar_fastai.training.learner import create_learner, norm_stats
+    from cifar_fastai.training.run import fit
+
+    clock, trained = [0.0], []
+    monkeypatch.setattr(budget_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Slow(Callback):
+        order = -30
+
+        def after_batch(self):
+            if self.training:
+                clock[0] += 1.0
+                trained.append(self.iter)
+
+    cfg = TrainConfig(data=str(tiny_data), arch="tiny", bs=4, epochs=6, valid_pct=0.2, schedule="linear", lr=0.01,
+                      optimizer="sgd", train_per_class=20)  # fmt: skip
+    learn = create_learner(cfg, get_data(cfg, norm_stats(cfg)))
+    n_iter = len(learn.dls.train)
+    early = max(2, min(budget_module.EARLY_BATCHES, n_iter // 5))
+    budget = TimeBudget(n_iter * 0.45 + budget_module.EXPORT_S, 0.0, 32)
+    fit(learn, cfg, [Slow(), budget])
+    fit_batches = budget.summary()["batches_run"]
+    assert early < fit_batches < n_iter * 0.45, "the batches that fit beside the validation pass kept for"
+    assert trained == list(range(fit_batches)), "training stopped there, inside the first epoch"
+    assert len(learn.recorder.values) == 1, "and the epoch was still validated"
+    assert budget.summary() == {"budget_s": budget.budget_s, "epochs_planned": 6, "batches_run": fit_batches,
+                                "epochs_run": round(fit_batches / n_iter, 3), "batches_per_epoch": n_iter}  # fmt: skip
+    assert learn.recorder.lrs[-1] < 0.01 * 2 / fit_batches, "the rate decayed to ~0 over the batches that fit"
+    assert f"not one epoch fits ({n_iter} s an epoch at the pace of the first {early} batches): epoch 1 trains " \
+        f"{fit_batches} of its {n_iter} batches" in capsys.readouterr().out
+
+
 def test_a_cut_made_after_a_slow_epoch_is_taken_back(tiny_data):
     from cifar_fastai.callbacks.fast import ProgressiveResize
     from cifar_fastai.data.loaders import get_data
@@ -205,7 +245,8 @@ def test_a_run_the_budget_ended_is_not_resumed(tiny_data, tmp_path):
     cfg = TrainConfig(data=str(tiny_data), arch="airbench_resnet", width=0.25, bs=32, epochs=3, time_budget=1,
                       out=str(tmp_path), name="ended")  # fmt: skip
     res = train(cfg, verbose=False)
-    assert res.metrics["time_budget"]["epochs_run"] == 1
+    # the 1 s ran out before the first batches: part of epoch 1 trained, the rest of the plan will not be
+    assert 0 < res.metrics["time_budget"]["epochs_run"] < 1 and res.metrics["time_budget"]["epochs_planned"] == 3
     with pytest.raises(ConfigError, match="finished after 1 epochs"):
         train(TrainConfig(resume=str(res.run_dir)), verbose=False)
 

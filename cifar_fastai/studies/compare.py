@@ -97,6 +97,8 @@ def run_row(plan: Resolved, measure: dict | None = None) -> dict:
     counts = count_model(model, cfg.size)
     m = result.metrics
     epochs = len((result.run_dir / "history.csv").read_text().splitlines()) - 1  # one line per epoch fit
+    if "batches_run" in m.get("time_budget", {}):  # a budget under one epoch: the share of it trained
+        epochs = m["time_budget"]["epochs_run"]
     return {
         **(robust_row(result.run_dir, measure) if measure else {}),
         "epochs": epochs,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from fastai.callback.core import Callback, CancelFitException
+from fastai.callback.core import Callback, CancelFitException, CancelTrainException
 
 from . import distributed
 from .recipes import progressive_size
@@ -103,6 +103,12 @@ SCALED_TOLERANCE = 0.25
 # at another size.
 EARLY_BATCHES, EARLY_CUT, VALID_SHARE = 20, 0.5, 0.4
 
+# When not even one epoch fits (cifar_resnet50 trains at ~20 images/s on that host: 45,000 images take over half an
+# hour), the one epoch is cut to the batches that fit, so "ten minutes per net" means ten minutes for the big nets
+# too, not a budget that only the small ones keep. fastai's schedule then spans those batches (`n_iter` set to them:
+# TrainEvalCallback adds 1 / (n_iter * n_epoch) to pct_train per batch), and the train phase ends with fastai's
+# CancelTrainException before the next batch, so validation, the test pass and export run as usual.
+
 
 FITTED_TOLERANCE = 0.05
 
@@ -135,9 +141,11 @@ class TimeBudget(Callback):
         self.n_valid = n_valid
         self.planned = self.epochs_run = None
         self.reason = ""
+        self.stop_at = self.n_batches = 0  # a cut first epoch: the batches it trains, of how many
 
     def before_fit(self):
         self.planned, self.n_planned, self.measured, self.cut_early = self.n_epoch, 0, {}, False
+        self.stop_at = self.n_batches = 0
 
     def before_epoch(self):
         if self.epoch >= self.n_epoch:  # lowered after the previous epoch: the run ends here
@@ -146,6 +154,10 @@ class TimeBudget(Callback):
 
     def before_train(self):
         self._t0 = time.perf_counter()
+
+    def before_batch(self):
+        if self.training and self.stop_at and self.iter >= self.stop_at:
+            raise CancelTrainException  # the cut epoch's batches are done: on to validation
 
     def after_batch(self):
         early = max(2, min(EARLY_BATCHES, self.n_iter // 5))
@@ -160,8 +172,19 @@ class TimeBudget(Callback):
         valid_s = VALID_SHARE * cost * self.n_valid / max(self.n_iter * self.dls.train.bs, 1)
         reserve = valid_s * self.test_scale + EXPORT_S
         n = plan_epochs(self.budget_s, self._t0 - self.start, 0, self.planned, lambda s: cost, valid_s, reserve, self.size)
-        n = distributed.broadcast_object(max(1, n))
-        if n < EARLY_CUT * self.planned:
+        # not even one epoch: the batches that fit in what is left once validation, test and export are kept
+        per_batch = (now - self._t0) / early
+        fit = early + int(max(0.0, self.budget_s - (now - self.start) - valid_s - reserve) / per_batch)
+        n, fit = distributed.broadcast_object((max(1, n), fit if n < 1 and fit < self.n_iter else 0))
+        if fit:
+            self.reason = (f"time budget {self.budget_s:.0f} s: not one epoch fits ({cost:.0f} s an epoch at the pace "
+                           f"of the first {early} batches): epoch 1 trains {fit:,} of its {self.n_iter:,} batches")  # fmt: skip
+            if distributed.is_main():
+                print(self.reason, flush=True)
+            self.learn.n_epoch, self.cut_early, self.stop_at, self.n_batches = 1, True, fit, self.n_iter
+            self.learn.n_iter = fit  # the schedule's whole shape over the batches that fit
+            self.learn.pct_train = self.iter / fit
+        elif n < EARLY_CUT * self.planned:
             self.reason = (f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit (the first {early} "
                            f"batches of epoch 1 took {now - self._t0:.0f} s, {cost:.0f} s an epoch at that pace)")  # fmt: skip
             if distributed.is_main():
@@ -182,7 +205,7 @@ class TimeBudget(Callback):
 
     def after_epoch(self):
         self.epochs_run = done = self.epoch + 1
-        if self.t_train is None:  # an epoch skipped on --resume: nothing was measured
+        if self.t_train is None or self.stop_at:  # skipped on --resume (nothing measured); or the cut one: the last
             return
         n = distributed.broadcast_object(self.plan(done))  # every rank stops after the same epoch (rank 0's clock)
         if n != self.n_epoch:  # fewer; or more again (up to --epochs) when an earlier cut was for a slow epoch
@@ -218,4 +241,8 @@ class TimeBudget(Callback):
         return n
 
     def summary(self) -> dict:
+        if self.stop_at:  # a share of the one epoch
+            run = round(min(self.stop_at, self.n_batches) / self.n_batches, 3)
+            return {"budget_s": self.budget_s, "epochs_planned": self.planned, "epochs_run": run,
+                    "batches_run": self.stop_at, "batches_per_epoch": self.n_batches}  # fmt: skip
         return {"budget_s": self.budget_s, "epochs_planned": self.planned, "epochs_run": self.epochs_run}
