@@ -194,6 +194,8 @@ def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_valida
     assert early < fit_batches < n_iter * 0.45, "the batches that fit beside the validation pass kept for"
     assert trained == list(range(fit_batches)), "training stopped there, inside the first epoch"
     assert len(learn.recorder.values) == 1, "and the epoch was still validated"
+    (row,) = learn.recorder.values  # train loss, valid loss, accuracy, error rate: every column has its value
+    assert len(row) == len(learn.recorder.metric_names) - 2 and row[2] == pytest.approx(1 - row[3])
     assert budget.summary() == {"budget_s": budget.budget_s, "epochs_planned": 6, "batches_run": fit_batches,
                                 "epochs_run": round(fit_batches / n_iter, 3), "batches_per_epoch": n_iter}  # fmt: skip
     assert learn.recorder.lrs[-1] < 0.01 * 2 / fit_batches, "the rate decayed to ~0 over the batches that fit"

@@ -154,3 +154,13 @@ def test_hf_hub_id_offline_is_a_clear_error():
     with pytest.raises(ModelFileError, match="HF_HUB_OFFLINE is set") as err:
         load_model("hf-hub:someone/not-downloaded")
     assert "\n" not in str(err.value)
+
+
+def test_evaluate_reads_a_hub_folder_as_its_run(hub_folder, tiny_run):
+    """A Hub folder's config.json is timm's; the run's own test split is found through model.json instead."""
+    from cifar_fastai.evaluation.evaluate import evaluate
+
+    result = evaluate(hub_folder, tta=False, verbose=False)
+    metrics = json.loads((tiny_run / "metrics.json").read_text())
+    assert result["n"] == 100 and result["accuracy"] == pytest.approx(metrics["test_accuracy"], abs=1e-6)
+    assert (hub_folder / "evaluation.json").is_file()

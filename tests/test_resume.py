@@ -13,6 +13,7 @@ from fastai.callback.core import Callback
 
 from cifar_fastai import TrainConfig
 from cifar_fastai.errors import TrainingError
+from cifar_fastai.training.budget import TimeBudget
 from cifar_fastai.training.run import train
 
 TINY = {"arch": "tiny", "bs": 16, "lr": 1e-2, "threads": 1}
@@ -92,3 +93,50 @@ def test_metrics_say_resumed_and_cover_both_parts(runs):
 def test_resume_says_where_it_starts(runs):
     *_, printed = runs
     assert sum(line.startswith("resuming cut at epoch 2 of 3 from ") for line in printed.splitlines()) == 1
+
+
+class PlanCutAfterEpochOne(TimeBudget):
+    """A time budget that, after epoch 1, plans 2 of the 4 epochs (what a slow host makes it do)."""
+
+    def plan(self, done: int) -> int:
+        self.reason = "cut"
+        return 2 if done == 1 else self.n_epoch
+
+
+@pytest.fixture(scope="module")
+def cut_select_runs(tiny_data, tmp_path_factory):
+    """With data selection (its proxy net trains alongside) and a budget that cut the plan after epoch 1: the
+    uninterrupted run, and the same interrupted after epoch 1 then resumed."""
+    import cifar_fastai.training.run as train_module
+
+    out, cfg = tmp_path_factory.mktemp("resume-cut"), {**TINY, "epochs": 4, "select": 0.5, "time_budget": 1e6}
+    run_callbacks = train_module.run_callbacks
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "TimeBudget", PlanCutAfterEpochOne)
+        whole = train(TrainConfig(data=str(tiny_data), out=str(out), name="whole", **cfg), verbose=False)
+        with pytest.MonkeyPatch.context() as cut:
+            cut.setattr(train_module, "run_callbacks", lambda *a, **k: [*run_callbacks(*a, **k), SlowStartThenInterrupt()])
+            with pytest.raises(TrainingError, match="interrupted"):
+                train(TrainConfig(data=str(tiny_data), out=str(out), name="cut", **cfg), verbose=False)
+        resumed = train(TrainConfig(resume=str(out / "cut")), verbose=False)
+    return whole, resumed
+
+
+def test_a_resumed_run_keeps_the_cut_plan_and_the_selection_proxy(cut_select_runs):
+    whole, resumed = cut_select_runs
+    assert whole.metrics["time_budget"]["epochs_run"] == 2 == len(history(whole.run_dir)), "the plan was cut to 2"
+    rows, expected = history(resumed.run_dir), history(whole.run_dir)
+    assert [r["epoch"] for r in rows] == ["0", "1"], "the resumed part trains the cut plan's last epoch only"
+    # epoch 2's rates follow the 2-epoch plan, and its batches are ranked by the proxy as trained in epoch 1
+    assert [float(r["valid_loss"]) for r in rows] == pytest.approx([float(r["valid_loss"]) for r in expected], rel=1e-4)
+    assert resumed.metrics["select"] == whole.metrics["select"], "the proxy's counts go on from the checkpoint's"
+    assert resumed.metrics["time_budget"]["epochs_run"] == 2
+
+
+def test_the_budget_clock_of_a_resumed_run_counts_the_interrupted_part():
+    import types
+
+    budget = TimeBudget(600, start=1000.0, size=32)
+    budget.learn = types.SimpleNamespace(n_epoch=60)
+    budget.load_resume_state({"spent_s": 250.0, "n_epoch": 3})
+    assert budget.start == 750.0 and budget.learn.n_epoch == 3, "250 s of the 600 are spent; the cut plan holds"

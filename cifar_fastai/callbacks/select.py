@@ -20,7 +20,8 @@ mask when its batch comes, as here, gives the same masks on the same batches. Tw
 
 The selection runs after progressive resizing (the proxy ranks the batch the net would see) and before random
 erasing, adversarial attacks and MixUp/CutMix, which then work on the kept images only. Under torchrun each rank
-ranks its own shard with its own proxy. The proxy is not checkpointed: after `--resume` it starts afresh.
+ranks its own shard with its own proxy. The proxy and its optimizer are in the run's checkpoint, so `--resume`
+ranks the next batches as the uninterrupted run would.
 """
 
 from __future__ import annotations
@@ -131,6 +132,18 @@ class SelectHard(Callback):
         self.learn.yb = tuple(t[keep] for t in self.yb)
         self.seen += n
         self.kept += k
+
+    def resume_state(self) -> dict:  # checkpoint.run_records, after each epoch
+        return {
+            "proxy": {k: v.detach().cpu() for k, v in self.proxy.state_dict().items()},
+            "opt": self.proxy_opt.state_dict(),
+            "counts": [self.steps, self.proxy_steps, self.seen, self.kept],
+        }
+
+    def load_resume_state(self, state: dict) -> None:  # at the first resumed epoch, after before_fit built the proxy
+        self.proxy.load_state_dict(state["proxy"])  # its whitened stem too: before_train leaves it as it is
+        self.proxy_opt.load_state_dict(state["opt"])
+        self.steps, self.proxy_steps, self.seen, self.kept = state["counts"]
 
     def after_fit(self):
         self.proxy = self.proxy_opt = None  # nothing of the proxy stays on the learner

@@ -31,12 +31,27 @@ def load_run_learner(run_dir: Path, trust_pickle: bool = False):
 
 
 def run_config(run_dir: Path) -> tuple[TrainConfig, tuple[list[float], list[float]]]:
+    """The settings and normalization the model trained with: a run folder's config.json, or, in a Hub-style folder
+    (`scripts/export.py hub`: its config.json is timm's), the training settings model.json keeps."""
+    from ..deploy.safe import find_model_json, read_model_json
+
     path = run_dir / "config.json"
-    if not path.is_file():
-        raise DataError(f"{run_dir}: no config.json, so the run's data is unknown: pass --data PATH")
-    info = json.loads(path.read_text())
-    stats = (info["resolved"]["normalize_mean"], info["resolved"]["normalize_std"])
-    return TrainConfig.from_json(path), stats
+    if path.is_file():
+        try:
+            info = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return TrainConfig.from_json(path), ([], [])  # raises the one-line ConfigError naming the file
+        if isinstance(info, dict) and "resolved" in info:
+            stats = (info["resolved"]["normalize_mean"], info["resolved"]["normalize_std"])
+            return TrainConfig.from_json(path), stats
+    try:
+        meta = read_model_json(find_model_json(run_dir))
+    except ModelFileError:
+        meta = {}
+    if "train_config" not in meta:
+        raise DataError(f"{run_dir}: no run config.json or model.json, so the run's data is unknown: pass --data PATH")
+    stats = (meta["normalize"]["mean"], meta["normalize"]["std"])
+    return TrainConfig.from_dict(meta["train_config"], source=f"{run_dir}/model.json"), stats
 
 
 def labelled_images(folder: Path, vocab: list[str]) -> tuple[list[Path], list[tuple[str, str]]]:

@@ -196,6 +196,11 @@ class TimeBudget(Callback):
 
     def after_train(self):
         self.t_train = time.perf_counter() - self._t0
+        if self.stop_at and hasattr(self.learn, "recorder"):
+            # fastai's Recorder drops the train loss from an epoch whose train phase was cancelled (after_cancel_train
+            # sets `cancel_train`), which would shift every value of the epoch's row one column left (history.csv,
+            # the printed line, the validation accuracy read from it); the cut epoch trained, so its loss is logged
+            self.learn.recorder.cancel_train = False
 
     def before_validate(self):
         self._t1 = time.perf_counter()
@@ -239,6 +244,16 @@ class TimeBudget(Callback):
             f"{self.t_train:.0f} s at {size} px + {valid_s:.0f} s validation; {reserve:.0f} s kept for test and export)"
         )
         return n
+
+    # --resume (checkpoint.run_records): the plan goes on as it was cut (fastai's n_epoch; the saved config still
+    # says --epochs), and the budget counts the time the interrupted part took, so a resumed run ends when the
+    # uninterrupted one would have, on the same schedule
+    def resume_state(self) -> dict:
+        return {"spent_s": time.perf_counter() - self.start, "n_epoch": self.n_epoch}
+
+    def load_resume_state(self, state: dict) -> None:
+        self.start -= state["spent_s"]
+        self.learn.n_epoch = state["n_epoch"]
 
     def summary(self) -> dict:
         if self.stop_at:  # a share of the one epoch
