@@ -185,11 +185,22 @@ def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_valida
 
     cfg = TrainConfig(data=str(tiny_data), arch="tiny", bs=4, epochs=6, valid_pct=0.2, schedule="linear", lr=0.01,
                       optimizer="sgd", train_per_class=20)  # fmt: skip
-    learn = create_learner(cfg, get_data(cfg, norm_stats(cfg)))
-    n_iter = len(learn.dls.train)
+    data = get_data(cfg, norm_stats(cfg))
+
+    def cut(train_passes: float):
+        clock[0] = 0.0
+        trained.clear()
+        learn = create_learner(cfg, data)
+        n_iter = len(learn.dls.train)
+        budget = TimeBudget(n_iter * 0.45 + budget_module.EXPORT_S, 0.0, 32, train_passes=train_passes)
+        fit(learn, cfg, [Slow(), budget])
+        return learn, budget, n_iter
+
+    # a step that costs 8 passes (PGD-7 training) says less about the forward-only validation: less is reserved
+    attacked = cut(8.0)[1].summary()["batches_run"]
+    learn, budget, n_iter = cut(1.0)
     early = max(2, min(budget_module.EARLY_BATCHES, n_iter // 5))
-    budget = TimeBudget(n_iter * 0.45 + budget_module.EXPORT_S, 0.0, 32)
-    fit(learn, cfg, [Slow(), budget])
+    assert attacked > budget.summary()["batches_run"]
     fit_batches = budget.summary()["batches_run"]
     assert early < fit_batches < n_iter * 0.45, "the batches that fit beside the validation pass kept for"
     assert trained == list(range(fit_batches)), "training stopped there, inside the first epoch"

@@ -126,7 +126,9 @@ class TimeBudget(Callback):
     `time.perf_counter()` value); the test pass (`test_passes` times the validation pass, scaled to `n_test` images:
     6 with TTA) and the export are reserved for at the end. The cost of an epoch is anchored at the last one measured
     (`epoch_cost`), so a host that slows down mid-run is seen at the next epoch (`SCALED_TOLERANCE`,
-    `FITTED_TOLERANCE`: how much an estimate from smaller sizes may be over before it counts)."""
+    `FITTED_TOLERANCE`: how much an estimate from smaller sizes may be over before it counts). `train_passes`: the
+    forward + backward passes a training image costs (adversarial training adds its attack's), which the first
+    estimate of a validation pass is scaled down by."""
 
     order = -20  # before TrainEvalCallback: the cancelled epoch starts nothing (no flip phase, no history row)
     # predictions fetched inside the fit (the EMA's validation) are timed by the pass around them
@@ -134,11 +136,11 @@ class TimeBudget(Callback):
 
     def __init__(
         self, budget_s: float, start: float, size: int, progressive: int = 0, n_valid: int = 1, n_test: int = 0,
-        test_passes: int = 1, shares: tuple[float, ...] = (),
+        test_passes: int = 1, shares: tuple[float, ...] = (), train_passes: float = 1.0,
     ):  # fmt: skip
         self.budget_s, self.start, self.size, self.progressive, self.shares = budget_s, start, size, progressive, shares
         self.test_scale = test_passes * n_test / max(n_valid, 1)
-        self.n_valid = n_valid
+        self.n_valid, self.train_passes = n_valid, train_passes
         self.planned = self.epochs_run = None
         self.reason = ""
         self.stop_at = self.n_batches = 0  # a cut first epoch: the batches it trains, of how many
@@ -168,8 +170,9 @@ class TimeBudget(Callback):
         now = time.perf_counter()
         cost = (now - self._t0) / early * self.n_iter  # the epoch's training seconds at this pace
         # the validation pass, not measured yet: forward passes only, about a third of a training step per image
-        # (docs/training.md), with a margin
-        valid_s = VALID_SHARE * cost * self.n_valid / max(self.n_iter * self.dls.train.bs, 1)
+        # (docs/training.md), with a margin; of a plain step, when each training image also costs attack passes
+        # (adversarial training: PGD-7 steps cost 8 plain ones)
+        valid_s = VALID_SHARE * cost * self.n_valid / max(self.n_iter * self.dls.train.bs, 1) / self.train_passes
         reserve = valid_s * self.test_scale + EXPORT_S
         n = plan_epochs(self.budget_s, self._t0 - self.start, 0, self.planned, lambda s: cost, valid_s, reserve, self.size)
         # not even one epoch: the batches that fit in what is left once validation, test and export are kept

@@ -212,9 +212,11 @@ def fit_run(run: Run, budget_start: float | None = None) -> None:
     if cfg.time_budget:  # the recipes' wall-time targets on a host whose speed drifts
         start_s = process_start() if budget_start is None else budget_start
         passes = 1 + (len(TTA_VIEWS) - 1) * cfg.tta_select if cfg.tta else 1  # the extra views: --tta-select's share
+        # forward + backward passes per training image: an attack adds its steps (FGSM one), validation does not
+        attack = 0 if cfg.adv == "none" else cfg.adv_ratio * (1 if cfg.adv == "fgsm" else cfg.adv_steps)
         run.budget = TimeBudget(cfg.time_budget, start_s, cfg.size, cfg.progressive, run.data.n_valid,
-                                run.data.n_test, test_passes=passes,
-                                shares=cfg.shares)  # fmt: skip
+                                run.data.n_test, test_passes=passes, shares=cfg.shares,
+                                train_passes=1 + attack)  # fmt: skip
         run.cbs.append(run.budget)
     fit(run.learn, cfg, run.cbs)
     run.kept = next((cb for cb in run.cbs if isinstance(cb, RestoreBest)), None)  # with --patience
