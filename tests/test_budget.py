@@ -212,7 +212,10 @@ def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_valida
     assert len(row) == len(learn.recorder.metric_names) - 2 and row[2] == pytest.approx(1 - row[3])
     assert budget.summary() == {"budget_s": budget.budget_s, "epochs_planned": 6, "batches_run": fit_batches,
                                 "epochs_run": round(fit_batches / n_iter, 3), "batches_per_epoch": n_iter}  # fmt: skip
-    assert learn.recorder.lrs[-1] < 0.01 * 2 / fit_batches, "the rate decayed to ~0 over the batches that fit"
+    lrs = learn.recorder.lrs
+    assert lrs[-1] < 0.01 * 2 / (fit_batches - early), "the rate decayed to ~0 over the batches after the cut"
+    # from where the long plan had it (the batches before the cut were a sliver of it), not a jump down its shape
+    assert lrs[early] == pytest.approx(lrs[early - 1], abs=0.01 * 1.5 / (fit_batches - early)) and lrs[early - 1] > 0.0095
     assert f"not one epoch fits ({n_iter} s an epoch at the pace of the first {early} batches): epoch 1 trains " \
         f"{fit_batches} of its {n_iter} batches" in capsys.readouterr().out
 
@@ -264,6 +267,10 @@ def test_a_run_the_budget_ended_is_not_resumed(tiny_data, tmp_path):
     # the 1 s ran out before the first batches: part of epoch 1 trained, the rest of the plan will not be
     assert 0 < res.metrics["time_budget"]["epochs_run"] < 1 and res.metrics["time_budget"]["epochs_planned"] == 3
     with pytest.raises(ConfigError, match="finished after 1 epochs"):
+        train(TrainConfig(resume=str(res.run_dir)), verbose=False)
+    # killed after the plan's last checkpoint, before metrics.json: no epoch is trained past the plan's end
+    (res.run_dir / "metrics.json").unlink()
+    with pytest.raises(ConfigError, match="its 1 epochs .* are done, but the run ended before its test pass"):
         train(TrainConfig(resume=str(res.run_dir)), verbose=False)
 
 

@@ -21,7 +21,8 @@ mask when its batch comes, as here, gives the same masks on the same batches. Tw
 The selection runs after progressive resizing (the proxy ranks the batch the net would see) and before random
 erasing, adversarial attacks and MixUp/CutMix, which then work on the kept images only. Under torchrun each rank
 ranks its own shard with its own proxy. The proxy and its optimizer are in the run's checkpoint, so `--resume`
-ranks the next batches as the uninterrupted run would.
+ranks the next batches as the uninterrupted run would (on one process: the checkpoint is rank 0's, so under torchrun
+every rank resumes with rank 0's proxy).
 """
 
 from __future__ import annotations

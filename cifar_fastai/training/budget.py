@@ -163,7 +163,9 @@ class TimeBudget(Callback):
 
     def after_batch(self):
         early = max(2, min(EARLY_BATCHES, self.n_iter // 5))
-        if not self.training or self.epoch != 0 or self.n_planned or self.progressive or self.iter + 1 != early:
+        if not self.training or self.epoch != 0 or self.n_planned or self.progressive or self.cut_early:
+            return
+        if self.iter + 1 != early:
             return
         if self.n_iter < 2 * early:  # too few batches to project from
             return
@@ -185,17 +187,22 @@ class TimeBudget(Callback):
             if distributed.is_main():
                 print(self.reason, flush=True)
             self.learn.n_epoch, self.cut_early, self.stop_at, self.n_batches = 1, True, fit, self.n_iter
-            self.learn.n_iter = fit  # the schedule's whole shape over the batches that fit
-            self.learn.pct_train = self.iter / fit
+            remaining = fit - self.iter
         elif n < EARLY_CUT * self.planned:
             self.reason = (f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit (the first {early} "
                            f"batches of epoch 1 took {now - self._t0:.0f} s, {cost:.0f} s an epoch at that pace)")  # fmt: skip
             if distributed.is_main():
                 print(self.reason, flush=True)
             self.learn.n_epoch, self.cut_early = n, True
-            # the batches done count as the same share of the shorter plan (TrainEvalCallback, after this callback,
-            # adds this batch's share), so the schedule ends exactly at its final rate
-            self.learn.pct_train = self.iter / (self.n_iter * n)
+            remaining = self.n_iter - self.iter
+        else:
+            return
+        # the rate stays where it is (one-cycle's warm-up has just begun: the batches so far were a sliver of the
+        # long plan) and the rest of this epoch's batches are stretched to reach the epoch's share of the new plan:
+        # TrainEvalCallback, after this callback, adds 1 / (n_iter * n_epoch) to pct_train per batch, this one
+        # included, and fastai sets n_iter again at the next epoch; so the schedule keeps its whole shape and ends
+        # exactly at its final rate
+        self.learn.n_iter = remaining / (1 - self.n_epoch * self.pct_train)
 
     def after_train(self):
         self.t_train = time.perf_counter() - self._t0
@@ -252,11 +259,13 @@ class TimeBudget(Callback):
     # says --epochs), and the budget counts the time the interrupted part took, so a resumed run ends when the
     # uninterrupted one would have, on the same schedule
     def resume_state(self) -> dict:
-        return {"spent_s": time.perf_counter() - self.start, "n_epoch": self.n_epoch}
+        return {"spent_s": time.perf_counter() - self.start, "n_epoch": self.n_epoch, "cut_early": self.cut_early,
+                "cut": [self.stop_at, self.n_batches]}  # fmt: skip
 
     def load_resume_state(self, state: dict) -> None:
         self.start -= state["spent_s"]
-        self.learn.n_epoch = state["n_epoch"]
+        self.learn.n_epoch, self.cut_early = state["n_epoch"], state.get("cut_early", False)
+        self.stop_at, self.n_batches = state.get("cut", (0, 0))
 
     def summary(self) -> dict:
         if self.stop_at:  # a share of the one epoch

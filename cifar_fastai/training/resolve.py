@@ -70,8 +70,14 @@ def resume_run(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     ignored = [f"--{k.replace('_', '-')}" for k in given]
     if ignored:
         print(f"note: --resume uses the run's saved config; ignoring {' '.join(ignored)}")
+    planned = meta.get("n_epoch", saved.epochs)  # a --time-budget may have cut the plan below --epochs
+    if meta["epochs_done"] >= planned:  # killed in the test pass or the export, after the plan's last epoch
+        raise ConfigError(
+            f"--resume {run_dir}: its {planned} epochs (the plan --time-budget cut it to) are done, but the run ended "
+            f"before its test pass and export; the trained weights are in {last}: train it again to get those"
+        )
     trim_history(run_dir / "history.csv", meta["epochs_done"])
-    print(f"resuming {run_dir.name} at epoch {meta['epochs_done'] + 1} of {saved.epochs} from {last}")
+    print(f"resuming {run_dir.name} at epoch {meta['epochs_done'] + 1} of {planned} from {last}")
     return saved.replace(resume=str(run_dir), name=run_dir.name, out=str(run_dir.parent)), run_dir
 
 
