@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -12,8 +14,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# Every test run gets its own cache, so no test depends on (or pollutes) the user's ~/.cache.
-os.environ.setdefault("CIFAR_FASTAI_CACHE", tempfile.mkdtemp(prefix="cifar_fastai_cache_"))
+# Every test run gets its own cache, so no test depends on (or pollutes) the user's ~/.cache. Made once, by the
+# first process (pytest-xdist's workers inherit it), and removed when that process ends: decoded images of every
+# test dataset would otherwise pile up in /tmp run after run.
+if "CIFAR_FASTAI_CACHE" not in os.environ:
+    os.environ["CIFAR_FASTAI_CACHE"] = tempfile.mkdtemp(prefix="cifar_fastai_cache_")
+    atexit.register(shutil.rmtree, os.environ["CIFAR_FASTAI_CACHE"], ignore_errors=True)
 os.environ.setdefault("MPLBACKEND", "Agg")
 
 
