@@ -103,11 +103,11 @@ SCALED_TOLERANCE = 0.25
 # at another size.
 EARLY_BATCHES, EARLY_CUT, VALID_SHARE = 20, 0.5, 0.4
 
-# When not even one epoch fits (cifar_resnet50 trains at ~20 images/s on that host: 45,000 images take over half an
-# hour), the one epoch is cut to the batches that fit, so "ten minutes per net" means ten minutes for the big nets
-# too, not a budget that only the small ones keep. fastai's schedule then spans those batches (`n_iter` set to them:
-# TrainEvalCallback adds 1 / (n_iter * n_epoch) to pct_train per batch), and the train phase ends with fastai's
-# CancelTrainException before the next batch, so validation, the test pass and export run as usual.
+# When not even one epoch fits (cifar_resnet50 trained at 11 images/s on that host: 45,000 images take over an hour),
+# the one epoch is cut to the batches that fit, so "ten minutes per net" means ten minutes for the big nets too, not
+# a budget that only the small ones keep. fastai's schedule then ends with those batches (the rest of the epoch is
+# stretched over them: `after_batch`), and the train phase ends with fastai's CancelTrainException before the next
+# batch, so validation, the test pass and export run as usual.
 
 
 FITTED_TOLERANCE = 0.05
