@@ -40,10 +40,10 @@ def run_config(run_dir: Path) -> tuple[TrainConfig, tuple[list[float], list[floa
         try:
             info = json.loads(path.read_text())
         except (OSError, ValueError):
-            return TrainConfig.from_json(path), ([], [])  # raises the one-line ConfigError naming the file
-        if isinstance(info, dict) and "resolved" in info:
-            stats = (info["resolved"]["normalize_mean"], info["resolved"]["normalize_std"])
-            return TrainConfig.from_json(path), stats
+            info = None
+        if not isinstance(info, dict) or "resolved" in info:  # a run's (from_json says what is wrong with a bad one)
+            cfg = TrainConfig.from_json(path)
+            return cfg, (info["resolved"]["normalize_mean"], info["resolved"]["normalize_std"])
     try:
         meta = read_model_json(find_model_json(run_dir))
     except ModelFileError:
