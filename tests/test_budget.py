@@ -255,7 +255,10 @@ def test_time_budget_from_the_cli_stops_in_time_and_says_so(tiny_data, tmp_path)
     assert (run / "export.pkl").exists() and len(list(csv.DictReader((run / "history.csv").open()))) == 1
 
 
-def test_a_run_the_budget_ended_is_not_resumed(tiny_data, tmp_path):
+def test_a_run_the_budget_ended_is_not_resumed_and_one_killed_after_its_plan_finishes(tiny_data, tmp_path):
+    import contextlib
+    import io
+
     import pytest
 
     from cifar_fastai.errors import ConfigError
@@ -268,10 +271,21 @@ def test_a_run_the_budget_ended_is_not_resumed(tiny_data, tmp_path):
     assert 0 < res.metrics["time_budget"]["epochs_run"] < 1 and res.metrics["time_budget"]["epochs_planned"] == 3
     with pytest.raises(ConfigError, match="finished after 1 epochs"):
         train(TrainConfig(resume=str(res.run_dir)), verbose=False)
-    # killed after the plan's last checkpoint, before metrics.json: no epoch is trained past the plan's end
-    (res.run_dir / "metrics.json").unlink()
-    with pytest.raises(ConfigError, match="its 1 epochs .* are done, but the run ended before its test pass"):
-        train(TrainConfig(resume=str(res.run_dir)), verbose=False)
+    # killed after the plan's last checkpoint, in the test pass or the export: --resume trains nothing more and
+    # finishes them on the trained weights, as the uninterrupted run did
+    for name in ("metrics.json", "export.pkl", "model.safetensors"):
+        (res.run_dir / name).unlink()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        again = train(TrainConfig(resume=str(res.run_dir)), verbose=False)
+    assert "after its last epoch (1 of 1 done): the test pass and the export" in printed.getvalue()
+    m, first = again.metrics, res.metrics
+    assert m["test_accuracy"] == first["test_accuracy"] and m["test_loss"] == pytest.approx(first["test_loss"], rel=1e-5)
+    assert (m["valid_loss"], m["valid_accuracy"]) == pytest.approx((first["valid_loss"], first["valid_accuracy"]))
+    assert m["time_budget"] == first["time_budget"], "the cut plan as the first part ran it"
+    assert m["resumed"][0]["at_epoch"] == 2 and m["wall_seconds"] >= first["wall_seconds"] - 0.5
+    assert (res.run_dir / "export.pkl").is_file() and (res.run_dir / "model.safetensors").is_file()
+    assert len(list(csv.DictReader((res.run_dir / "history.csv").open()))) == 1, "no epoch trained again"
 
 
 def test_the_recipes_carry_the_issues_wall_times_and_the_command_line_wins():

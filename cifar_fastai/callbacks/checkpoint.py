@@ -186,7 +186,10 @@ class ResumeFrom(SkipToEpoch):
 
     def __init__(self, path: str | Path):
         self.state, self.best_path = load_checkpoint(path), Path(path).with_name(BEST)
-        super().__init__(self.state["meta"]["epochs_done"])
+        meta = self.state["meta"]
+        super().__init__(meta["epochs_done"])
+        # the plan's epochs all done (a --time-budget may have planned fewer than the fit's): no epoch trains
+        self.finished = meta["epochs_done"] >= meta.get("n_epoch", meta["epochs_done"] + 1)
         self.paused: dict | None = None
 
     def before_fit(self):
@@ -195,13 +198,21 @@ class ResumeFrom(SkipToEpoch):
         self.paused = {}
 
     def before_epoch(self):
-        if self.epoch < self._skip_to:
+        if self.epoch < self._skip_to or self.finished:
             for cb in self.learn.cbs:
                 if cb is not self and cb not in self.paused:
                     self.paused[cb] = cb.run
                     cb.run = False
             raise CancelEpochException()
         if self.paused is not None:
+            self.restore()
+
+    def after_fit(self):
+        # every epoch was skipped: the run was killed after its last checkpoint, in the test pass or the export. The
+        # records go back in as after a resumed epoch (clock, throughput, best weights, weight average), with the
+        # epoch counter past the end, so the test pass and the export run on the trained weights.
+        if self.paused is not None:
+            self.learn.epoch = self._skip_to
             self.restore()
 
     def restore(self):

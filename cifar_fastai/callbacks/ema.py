@@ -105,10 +105,12 @@ class ModelEma(Callback):
         }
 
     def resume_state(self) -> dict:
-        return {"module": None if self.ema is None else self.ema.module.state_dict(), "updates": self.updates}
+        module = None if self.ema is None else self.ema.module.state_dict()
+        return {"module": module, "updates": self.updates, "valid": self.valid}
 
     def load_resume_state(self, state: dict) -> None:
-        self.updates = state["updates"]
+        # the last validation too: a run resumed after its last epoch compares the average without validating it
+        self.updates, self.valid = state["updates"], state.get("valid")
         if state["module"] is not None:
             self.ema = ModelEmaV3(get_model(self.model), decay=self.decay, use_warmup=True)
             self.ema.module.load_state_dict(state["module"])

@@ -44,8 +44,9 @@ def resolve_init_from(cfg: TrainConfig) -> TrainConfig:
 def resume_run(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     """The saved config of `cfg.resume` (other options are ignored) and its run folder, ready to continue.
 
-    Refuses runs with no checkpoint, finished runs and fine-tuning runs (two fits: `fine_tune` would need the phase
-    and position in both; only the from-scratch `fit_one_cycle` path is resumable).
+    Refuses runs with no checkpoint, finished runs (metrics.json) and fine-tuning runs (two fits: `fine_tune` would
+    need the phase and position in both; only the from-scratch `fit_one_cycle` path is resumable). A run whose epochs
+    are all done goes on to its test pass and export.
     """
     run_dir = Path(cfg.resume).expanduser()
     last = checkpoint_dir(run_dir) / LAST
@@ -60,9 +61,7 @@ def resume_run(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     if saved.fine_tuning:
         raise ConfigError(f"--resume {run_dir}: resuming fine-tuning runs is not supported (only from-scratch runs)")
     meta = load_checkpoint(last)["meta"]
-    if meta["epochs_done"] >= saved.epochs:
-        raise ConfigError(f"--resume {run_dir}: all {saved.epochs} epochs are already done; nothing to resume")
-    if (run_dir / "metrics.json").is_file():  # --time-budget or early stopping ended it before --epochs
+    if (run_dir / "metrics.json").is_file():
         raise ConfigError(
             f"--resume {run_dir}: the run finished after {meta['epochs_done']} epochs (metrics.json); nothing to resume"
         )
@@ -71,13 +70,12 @@ def resume_run(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
     if ignored:
         print(f"note: --resume uses the run's saved config; ignoring {' '.join(ignored)}")
     planned = meta.get("n_epoch", saved.epochs)  # a --time-budget may have cut the plan below --epochs
-    if meta["epochs_done"] >= planned:  # killed in the test pass or the export, after the plan's last epoch
-        raise ConfigError(
-            f"--resume {run_dir}: its {planned} epochs (the plan --time-budget cut it to) are done, but the run ended "
-            f"before its test pass and export; the trained weights are in {last}: train it again to get those"
-        )
     trim_history(run_dir / "history.csv", meta["epochs_done"])
-    print(f"resuming {run_dir.name} at epoch {meta['epochs_done'] + 1} of {planned} from {last}")
+    if meta["epochs_done"] >= planned:  # killed in the test pass or the export, after the plan's last epoch
+        print(f"resuming {run_dir.name} after its last epoch ({planned} of {planned} done): the test pass and the "
+              f"export, from {last}")  # fmt: skip
+    else:
+        print(f"resuming {run_dir.name} at epoch {meta['epochs_done'] + 1} of {planned} from {last}")
     return saved.replace(resume=str(run_dir), name=run_dir.name, out=str(run_dir.parent)), run_dir
 
 

@@ -239,15 +239,17 @@ def kept_validation(run: Run) -> tuple[float, float]:
     average's, when the run keeps it."""
     if run.ema is not None and run.ema.kept == "ema":
         return run.ema.valid
-    row = run.learn.recorder.values[-1]
     if run.kept is not None and run.kept.restored:
-        if run.kept.best_row is not None:
-            row = [float(v) for v in run.kept.best_row]
-        else:
-            rows = list(csv.DictReader((run.run_dir / "history.csv").read_text().splitlines()))
-            saved = rows[run.kept.best_epoch - 1]
-            row = [float(v) for k, v in saved.items() if k not in ("phase", "epoch", "time", "elapsed_s")]
+        row = [float(v) for v in run.kept.best_row or history_row(run.run_dir, run.kept.best_epoch - 1)]
+    else:  # no epoch in this process: resumed after its last one, in the test pass or the export
+        row = run.learn.recorder.values[-1] if run.learn.recorder.values else history_row(run.run_dir, -1)
     return float(row[1]), float(row[2])
+
+
+def history_row(run_dir: Path, index: int) -> list[float]:
+    """An epoch's values from history.csv, as the Recorder holds them (train loss, valid loss, metrics...)."""
+    rows = list(csv.DictReader((run_dir / "history.csv").read_text().splitlines()))
+    return [float(v) for k, v in rows[index].items() if k not in ("phase", "epoch", "time", "elapsed_s")]
 
 
 def test_run(run: Run) -> tuple[Interpretation, float | None]:
