@@ -11,6 +11,7 @@ from typer.testing import CliRunner
 from cifar_fastai import TrainConfig
 from cifar_fastai.cli import train_app
 from cifar_fastai.training import budget as budget_module
+from cifar_fastai.training import distributed
 from cifar_fastai.training.budget import TimeBudget, epoch_cost, plan_epochs
 
 
@@ -187,7 +188,8 @@ def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_valida
                       optimizer="sgd", train_per_class=20)  # fmt: skip
     data = get_data(cfg, norm_stats(cfg))
 
-    def cut(train_passes: float):
+    def cut(train_passes: float, world: int = 1, valid_passes: int = 1):
+        monkeypatch.setattr(distributed, "world_size", lambda: world)  # torchrun's ranks each validate a shard
         clock[0] = 0.0
         trained.clear()
         learn = create_learner(cfg, data)
@@ -196,16 +198,19 @@ def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_valida
         # image), on top of a third of an epoch of training
         reserve = budget_module.VALID_SHARE * (data.n_valid + data.n_test) / cfg.bs + budget_module.EXPORT_S
         budget = TimeBudget(n_iter / 3 + reserve, 0.0, 32, n_valid=data.n_valid, n_test=data.n_test,
-                            train_passes=train_passes)  # fmt: skip
+                            train_passes=train_passes, valid_passes=valid_passes)  # fmt: skip
         fit(learn, cfg, [Slow(), budget])
         return learn, budget, n_iter
 
     # a step that costs 8 passes (PGD-7 training) says less about the forward-only validation: less is reserved
     attacked = cut(8.0)[1].summary()["batches_run"]
+    # a validation pass twice as long (--ema's second model), or half as long (two ranks' shards), is reserved for
+    ema, ranks = cut(1.0, valid_passes=2)[1].summary()["batches_run"], cut(1.0, world=2)[1].summary()["batches_run"]
     learn, budget, n_iter = cut(1.0)
     early = max(2, min(budget_module.EARLY_BATCHES, n_iter // 5))
     fit_batches = budget.summary()["batches_run"]
     assert early < fit_batches <= n_iter / 3 < attacked < n_iter, "the batches that fit beside what is reserved"
+    assert ema < fit_batches < ranks < attacked, "what each validation pass costs is kept free"
     assert trained == list(range(fit_batches)), "training stopped there, inside the first epoch"
     assert len(learn.recorder.values) == 1, "and the epoch was still validated"
     (row,) = learn.recorder.values  # train loss, valid loss, accuracy, error rate: every column has its value

@@ -291,6 +291,27 @@ def test_newton_schulz_flattens_the_spectrum():
     assert newton_schulz(g.T).shape == (576, 64)
 
 
+def test_the_iteration_runs_in_bf16_only_where_the_device_computes_it_natively(monkeypatch):
+    from cifar_fastai.training import hardware
+    from cifar_fastai.training.optim import MuonSGD, iteration_dtype
+
+    w = torch.randn(8, 4, 3, 3, requires_grad=True)
+    for flags, dtype in (({"avx2"}, torch.float32), ({"avx2", "avx512_bf16"}, torch.bfloat16),
+                         ({"avx2", "amx_bf16"}, torch.bfloat16)):  # fmt: skip
+        monkeypatch.setattr(hardware, "cpu_flags", lambda flags=flags: flags)
+        opt = MuonSGD([{"params": [w], "muon": True}], lr=0.1)
+        assert opt.iteration_dtype == iteration_dtype(torch.device("cpu")) == dtype, flags
+    assert iteration_dtype(torch.device("cuda")) == torch.bfloat16, "a GPU computes bf16 natively"
+    calls = []
+    from cifar_fastai.training import optim
+
+    real = optim.newton_schulz
+    monkeypatch.setattr(optim, "newton_schulz", lambda g, **kw: calls.append(kw["dtype"]) or real(g, **kw))
+    w.grad = torch.randn_like(w)
+    opt.step()  # the last one: a bf16 CPU
+    assert calls == [torch.bfloat16], "the step orthogonalizes in the optimizer's precision"
+
+
 def test_muon_sgd_step_matches_torch_sgd_on_the_sgd_groups_and_keeps_filter_norms():
     from cifar_fastai.training.optim import MuonSGD
 

@@ -128,7 +128,7 @@ class TimeBudget(Callback):
     (`epoch_cost`), so a host that slows down mid-run is seen at the next epoch (`SCALED_TOLERANCE`,
     `FITTED_TOLERANCE`: how much an estimate from smaller sizes may be over before it counts). `train_passes`: the
     forward + backward passes a training image costs (adversarial training adds its attack's), which the first
-    estimate of a validation pass is scaled down by."""
+    estimate of a validation pass is scaled down by; `valid_passes`: the models each validation runs (2 with --ema)."""
 
     order = -20  # before TrainEvalCallback: the cancelled epoch starts nothing (no flip phase, no history row)
     # predictions fetched inside the fit (the EMA's validation) are timed by the pass around them
@@ -136,11 +136,11 @@ class TimeBudget(Callback):
 
     def __init__(
         self, budget_s: float, start: float, size: int, progressive: int = 0, n_valid: int = 1, n_test: int = 0,
-        test_passes: int = 1, shares: tuple[float, ...] = (), train_passes: float = 1.0,
+        test_passes: int = 1, shares: tuple[float, ...] = (), train_passes: float = 1.0, valid_passes: int = 1,
     ):  # fmt: skip
         self.budget_s, self.start, self.size, self.progressive, self.shares = budget_s, start, size, progressive, shares
         self.test_scale = test_passes * n_test / max(n_valid, 1)
-        self.n_valid, self.train_passes = n_valid, train_passes
+        self.n_valid, self.train_passes, self.valid_passes = n_valid, train_passes, valid_passes
         self.planned = self.epochs_run = None
         self.reason = ""
         self.stop_at = self.n_batches = 0  # a cut first epoch: the batches it trains, of how many
@@ -173,9 +173,11 @@ class TimeBudget(Callback):
         cost = (now - self._t0) / early * self.n_iter  # the epoch's training seconds at this pace
         # the validation pass, not measured yet: forward passes only, about a third of a training step per image
         # (docs/training.md), with a margin; of a plain step, when each training image also costs attack passes
-        # (adversarial training: PGD-7 steps cost 8 plain ones)
-        valid_s = VALID_SHARE * cost * self.n_valid / max(self.n_iter * self.dls.train.bs, 1) / self.train_passes
-        reserve = valid_s * self.test_scale + EXPORT_S
+        # (adversarial training: PGD-7 steps cost 8 plain ones); each process validates its shard of the images
+        # (under torchrun), and --ema validates the average too
+        n_valid = self.valid_passes * self.n_valid / distributed.world_size()
+        valid_s = VALID_SHARE * cost * n_valid / max(self.n_iter * self.dls.train.bs, 1) / self.train_passes
+        reserve = valid_s / self.valid_passes * self.test_scale + EXPORT_S  # the test pass: the kept weights only
         n = plan_epochs(self.budget_s, self._t0 - self.start, 0, self.planned, lambda s: cost, valid_s, reserve, self.size)
         # not even one epoch: the batches that fit in what is left once validation, test and export are kept
         per_batch = (now - self._t0) / early
@@ -234,8 +236,8 @@ class TimeBudget(Callback):
         `n_epoch` each epoch, so the rate schedule follows either way). The first epoch this process measures (the
         first of the run, or the first after a --resume) warms up: `FIRST_EPOCH_TOLERANCE`."""
         size = progressive_size(self.epoch, self.n_epoch, self.progressive, self.size, shares=self.shares)
-        valid_s = self.t_valid or 0.0
-        reserve = valid_s * self.test_scale + EXPORT_S
+        valid_s = self.t_valid or 0.0  # --ema's pass over the average included; the test pass has one model
+        reserve = valid_s / self.valid_passes * self.test_scale + EXPORT_S
         self.measured[size] = self.t_train
         cost, quadratic = epoch_cost(self.measured, size)
         full_measured = max(self.measured) >= self.size

@@ -24,11 +24,11 @@ BIAS_LR, HEAD_LR, WD_PER_EXAMPLE = 0.053, 0.67, 2e-6
 
 
 @torch.no_grad()
-def newton_schulz(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.Tensor:
+def newton_schulz(g: torch.Tensor, steps: int = 3, eps: float = 1e-7, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
     """Approximately orthogonalize a 2-D `g` (U S V^T -> U S' V^T, S' ~ 1): Muon's quintic Newton-Schulz iteration with
-    airbench94_muon's coefficients and 3 steps, in bf16 (it tolerates the precision; Jordan 2024)."""
+    airbench94_muon's coefficients and 3 steps, in bf16 by default (it tolerates the precision; Jordan 2024)."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(dtype)
     x = x / (x.norm() + eps)  # top singular value <= 1
     tall = x.size(0) > x.size(1)
     if tall:  # iterate on the smaller Gram matrix
@@ -37,6 +37,17 @@ def newton_schulz(g: torch.Tensor, steps: int = 3, eps: float = 1e-7) -> torch.T
         s = x @ x.T
         x = a * x + (b * s + c * s @ s) @ x
     return (x.T if tall else x).to(g.dtype)
+
+
+def iteration_dtype(device: torch.device) -> torch.dtype:
+    """The Newton-Schulz iteration's precision on `device`: bf16 (the record's) on a GPU and on a CPU with bf16
+    instructions, fp32 elsewhere: without them every bf16 matrix product is converted in software, many times slower
+    than fp32 (bench/newton_schulz.py; docs/hardware.md), and the iteration became most of a training step."""
+    if device.type != "cpu":
+        return torch.bfloat16
+    from .hardware import cpu_bf16_pays
+
+    return torch.bfloat16 if cpu_bf16_pays() else torch.float32
 
 
 class MuonSGD(torch.optim.Optimizer):
@@ -59,6 +70,8 @@ class MuonSGD(torch.optim.Optimizer):
             "lr_scale": 1.0,
         }
         super().__init__(params, defaults)
+        first = next((p for g in self.param_groups for p in g["params"]), None)
+        self.iteration_dtype = iteration_dtype(first.device if first is not None else torch.device("cpu"))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -80,7 +93,7 @@ class MuonSGD(torch.optim.Optimizer):
                     # airbench94_muon: keep each filter bank at norm sqrt(out_channels), then step along the
                     # orthogonalized update of its (out, in*k*k) matrix
                     p.mul_(len(p) ** 0.5 / p.norm().clamp_min(1e-12))
-                    g = newton_schulz(g.reshape(len(g), -1)).view_as(p)
+                    g = newton_schulz(g.reshape(len(g), -1), dtype=self.iteration_dtype).view_as(p)
                 p.add_(g, alpha=-lr)
         return loss
 

@@ -216,7 +216,7 @@ def fit_run(run: Run, budget_start: float | None = None) -> None:
         attack = 0 if cfg.adv == "none" else cfg.adv_ratio * (1 if cfg.adv == "fgsm" else cfg.adv_steps)
         run.budget = TimeBudget(cfg.time_budget, start_s, cfg.size, cfg.progressive, run.data.n_valid,
                                 run.data.n_test, test_passes=passes, shares=cfg.shares,
-                                train_passes=1 + attack)  # fmt: skip
+                                train_passes=1 + attack, valid_passes=2 if cfg.ema else 1)  # fmt: skip
         run.cbs.append(run.budget)
     fit(run.learn, cfg, run.cbs)
     run.kept = next((cb for cb in run.cbs if isinstance(cb, RestoreBest)), None)  # with --patience
