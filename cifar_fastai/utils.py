@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -46,10 +47,23 @@ def cpu_info() -> dict:
     return info
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """Whole or not at all: readers never see half a file, and two processes writing the same file at once (sweep
+    workers, two runs sharing a cache) each rename their own temporary file over it."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str))
-    tmp.replace(path)  # atomic: readers never see half a file
+    write_text_atomic(path, json.dumps(obj, indent=2, default=str))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's object, or {} when the file is not there (a run folder's optional records)."""
+    path = Path(path)
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 class eval_mode:

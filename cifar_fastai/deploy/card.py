@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 from ..config import TrainConfig, train_command
 from ..models import get_arch
+from ..utils import read_json
 
 # Not "timm" or "fastai": the weights are this package's Sequential(body, head) state dict. timm.create_model builds
 # timm's own module (other key names) and fastai's from_pretrained_fastai unpickles a Learner, so the Hub's "use this
@@ -16,10 +16,6 @@ LIBRARY_NAME = "cifar_fastai"
 
 
 TASK = "image-classification"
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def base_model_id(cfg: TrainConfig) -> str | None:

@@ -14,6 +14,7 @@ from PIL import Image
 from ..config import TrainConfig
 from ..errors import CifarFastaiError, ModelFileError
 from ..models import get_arch
+from ..utils import write_json
 
 FORMAT = "cifar_fastai.safe-model"
 
@@ -81,9 +82,7 @@ def save_model(learn, cfg: TrainConfig, vocab: list[str], stats, size: int, fold
     weights.chmod(0o644)  # safetensors writes 0600; the JSON beside it is readable, so is this
     meta["weights"] = {"file": WEIGHTS_NAME, "sha256": sha256(weights), "bytes": weights.stat().st_size}
     path = folder / JSON_NAME
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(path)
+    write_json(path, meta)
     return path
 
 

@@ -10,6 +10,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from ..config import TrainConfig, train_command
+from ..utils import write_text_atomic
 
 # What a row says about a setting whose trial did not complete.
 STATES = {TrialState.RUNNING: "running", TrialState.WAITING: "waiting", TrialState.PRUNED: "pruned",
@@ -61,13 +62,6 @@ def summarize(study: optuna.Study, names: list[str]) -> list[dict]:
     return rows
 
 
-def _write(path: Path, text: str) -> None:
-    """Write whole or not at all: several workers of one study write the same outputs when they finish."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def write_outputs(sweep_dir: Path, base: TrainConfig, table: list[dict], best: str, names: list[str],
                   storage: str) -> None:  # fmt: skip
     num = lambda v: "" if v is None else f"{v:.6g}"
@@ -107,9 +101,9 @@ def write_outputs(sweep_dir: Path, base: TrainConfig, table: list[dict], best: s
                   f"{r['state']} |")  # fmt: skip
     md += ["", "Best configuration, ready to train on all training images:", "", "```bash", best or "# none", "```",
            "", "![sweep](sweep.png)", ""]  # fmt: skip
-    _write(sweep_dir / "results.csv", "\n".join(lines) + "\n")
-    _write(sweep_dir / "results.md", "\n".join(md))
-    _write(sweep_dir / "best_command.txt", best + "\n")
+    write_text_atomic(sweep_dir / "results.csv", "\n".join(lines) + "\n")
+    write_text_atomic(sweep_dir / "results.md", "\n".join(md))
+    write_text_atomic(sweep_dir / "best_command.txt", best + "\n")
     plot(sweep_dir / "sweep.png", table, base.monitor)
 
 

@@ -23,7 +23,7 @@ from torch.amp import GradScaler
 
 from ..config import TrainConfig
 from ..errors import CifarFastaiError
-from ..utils import cpu_info
+from ..utils import cpu_info, write_json
 
 DEVICES = ("auto", "cpu", "cuda", "mps")
 
@@ -137,9 +137,7 @@ def probe_precision(model: nn.Module, cfg: TrainConfig, n_classes: int) -> dict:
         except (OSError, ValueError):
             table = {}
         table[probe_key(cfg)] = result
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")  # whole or not at all, even with two runs starting at once
-        tmp.write_text(json.dumps(table, indent=2))
-        tmp.replace(path)
+        write_json(path, table)  # whole or not at all, even with two runs starting at once
     except OSError:  # a read-only cache: this run keeps its measurement, the next one probes again
         pass
     return result
