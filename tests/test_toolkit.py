@@ -207,7 +207,7 @@ def test_resume_refuses_run_without_checkpoint(tiny_run, tmp_path):
 
 
 def test_resume_refuses_finished_run(tiny_run):
-    with pytest.raises(ConfigError, match="already done"):
+    with pytest.raises(ConfigError, match="the run finished after 2 epochs .metrics.json.; nothing to resume"):
         train(TrainConfig(resume=str(tiny_run)), verbose=False)
 
 
