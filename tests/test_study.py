@@ -96,6 +96,24 @@ def test_a_rerun_skips_finished_rows_and_a_changed_budget_is_refused(tiny_data, 
     assert len(rows_in_process) == 2, "refused before anything trained"
 
 
+def test_a_row_stopped_mid_run_goes_on_from_its_checkpoint_in_its_own_folder(tiny_data, tmp_path, rows_in_process):
+    args = ["depth-width", "--data", str(tiny_data), "--out", str(tmp_path), "--rows", "resnet20", *TINY]
+    assert run(*args).exit_code == 0
+    folder = tmp_path / "depth-width"
+    (first,) = list(csv.DictReader((folder / "study.csv").open()))
+    # what a kill in the row's test pass leaves: the checkpoint of its last epoch, no metrics, no model, no table row
+    run_dir = Path(first["run"])
+    for name in ("metrics.json", "export.pkl", "model.safetensors", "study.csv"):
+        (run_dir / name if name != "study.csv" else folder / name).unlink()
+    res = run(*args)
+    assert res.exit_code == 0, res.output[-3000:]
+    assert f"{run_dir}: interrupted before it finished; resuming it" in res.output
+    assert rows_in_process[-1][0].resume == str(run_dir), "the row was resumed, not trained again"
+    (again,) = list(csv.DictReader((folder / "study.csv").open()))
+    assert again["run"] == first["run"] and not run_dir.with_name(run_dir.name + "-1").exists(), "in its own folder"
+    assert again["test_acc"] == first["test_acc"] and again["epochs"] == first["epochs"] == "1"
+
+
 def test_bad_study_names_rows_and_seeds_end_in_one_line(tiny_data, tmp_path, rows_in_process):
     for args, message in [
         (["nosuch"], "unknown study 'nosuch': choose one of depth-width, augment, robust"),

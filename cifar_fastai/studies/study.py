@@ -21,6 +21,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..callbacks.checkpoint import LAST, checkpoint_dir
 from ..config import TrainConfig
 from ..errors import ConfigError, StudyError, TrainingError
 from ..training.resolve import resolve
@@ -247,8 +248,9 @@ def run_study(
             print(f"{row.label} seed {seed}: already in {folder / 'study.csv'}, skipped", flush=True)
             continue
         print(f"=== {study.name}: {row.label}, seed {seed} ===", flush=True)
+        cfg, explicit_row = interrupted_row(cfg) or (cfg, {*given, *row.options})
         with held(lock):
-            result = spawn_row(cfg, {*given, *row.options}, study.measure)
+            result = spawn_row(cfg, explicit_row, study.measure)
         if result is None:
             failed.append(f"{row.label} (seed {seed})")
             continue
@@ -260,6 +262,18 @@ def run_study(
     if failed:
         raise TrainingError(f"{len(failed)} row(s) failed: {', '.join(failed)} (rerun the command to retry them)")
     return folder
+
+
+def interrupted_row(cfg: TrainConfig) -> tuple[TrainConfig, set[str]] | None:
+    """A row whose run folder holds a checkpoint but no metrics.json was stopped mid-run (a study's row can train for
+    half an hour): it goes on from its last epoch (`--resume`) instead of starting again in a new folder."""
+    run_dir = Path(cfg.out) / cfg.name
+    if not (run_dir / "config.json").is_file() or (run_dir / "metrics.json").is_file():
+        return None
+    if not (checkpoint_dir(run_dir) / LAST).is_file():
+        return None
+    print(f"{run_dir}: interrupted before it finished; resuming it", flush=True)
+    return TrainConfig(resume=str(run_dir)), {"resume"}
 
 
 def run_search(study: Study, base: TrainConfig, explicit: Collection[str], folder: Path, lock: str | None) -> Path:
