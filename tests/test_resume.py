@@ -50,9 +50,30 @@ def runs(tiny_data, tmp_path_factory):
             train(TrainConfig(data=str(tiny_data), epochs=3, out=str(out), name="cut", **TINY), verbose=False)
     first = history(out / "cut")
     t, printed = time.perf_counter(), io.StringIO()
-    with contextlib.redirect_stdout(printed):
+    with contextlib.redirect_stdout(printed), pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train_module, "run_callbacks", lambda *a, **k: [*run_callbacks(*a, **k), EARLY])
         resumed = train(TrainConfig(resume=str(out / "cut")), verbose=False)
     return whole, resumed, first, time.perf_counter() - t, printed.getvalue()
+
+
+class EarlyEpochs(Callback):
+    """A callback ordered before the resume (as the whitening stem's and the time budget's are): the epochs whose
+    before_epoch it saw."""
+
+    order = -15
+
+    def __init__(self):
+        self.seen = []
+
+    def before_epoch(self):
+        self.seen.append(self.epoch)
+
+
+EARLY = EarlyEpochs()
+
+
+def test_callbacks_ordered_before_the_resume_see_every_resumed_epoch_start(runs):
+    assert EARLY.seen[-2:] == [1, 2], "epochs 2 and 3 (resumed) each began for it too"
 
 
 def test_history_of_a_resumed_run_is_the_uninterrupted_ones(runs):
@@ -137,6 +158,33 @@ def test_the_budget_clock_of_a_resumed_run_counts_the_interrupted_part():
     import types
 
     budget = TimeBudget(600, start=1000.0, size=32)
-    budget.learn = types.SimpleNamespace(n_epoch=60)
+    budget.learn = types.SimpleNamespace(n_epoch=60, epoch=2)
     budget.load_resume_state({"spent_s": 250.0, "n_epoch": 3})
     assert budget.start == 750.0 and budget.learn.n_epoch == 3, "250 s of the 600 are spent; the cut plan holds"
+    assert budget.summary()["epochs_run"] == 2, "the epochs before the resume are counted"
+
+
+def test_a_checkpoint_knows_when_its_run_has_trained_all_it_will():
+    from cifar_fastai.callbacks.checkpoint import plan_done
+
+    assert plan_done({"epochs_done": 3, "n_epoch": 3}) and not plan_done({"epochs_done": 2, "n_epoch": 3})
+    # early stopping with patience 1: an epoch after the best that is no better ends the run
+    assert plan_done({"epochs_done": 2, "n_epoch": 9, "best_epoch": 0}, patience=1)
+    assert not plan_done({"epochs_done": 2, "n_epoch": 9, "best_epoch": 1}, patience=1)
+    assert not plan_done({"epochs_done": 2, "n_epoch": 9, "best_epoch": 0}), "no early stopping"
+
+
+def test_a_run_killed_after_its_last_epoch_finishes_with_its_weight_average_and_best_epoch(tiny_data, tmp_path):
+    from fastai.learner import load_learner
+
+    cfg = TrainConfig(data=str(tiny_data), epochs=2, ema=0.9, patience=3, out=str(tmp_path), name="done", **TINY)
+    first = train(cfg, verbose=False)
+    for name in ("metrics.json", "export.pkl", "model.safetensors"):  # what a kill in the test pass leaves
+        (first.run_dir / name).unlink()
+    again = train(TrainConfig(resume=str(first.run_dir)), verbose=False)
+    assert again.metrics["ema"] == first.metrics["ema"], "the same weights kept, by the same two validations"
+    assert again.metrics.get("early_stopping") == first.metrics.get("early_stopping")
+    assert again.metrics["test_loss"] == pytest.approx(first.metrics["test_loss"], rel=1e-5)
+    names = [m.name for m in load_learner(first.run_dir / "export.pkl").metrics]
+    assert names == ["accuracy", "error_rate"], "the EMA's metrics left the learner before the export"
+

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import csv
-import json
 import os
 import random
 from pathlib import Path
 
 import numpy as np
 import torch
-from fastai.callback.core import CancelEpochException, TrainEvalCallback
+from fastai.callback.core import CancelEpochException, CancelFitException, TrainEvalCallback
 from fastai.callback.tracker import EarlyStoppingCallback, TrackerCallback
 from fastai.learner import SkipToEpoch
 from fastai.torch_core import get_model
 from fastcore.foundation import L
 
 from ..errors import ConfigError
+from ..utils import write_json
 
 LAST, BEST = "last.pth", "best.pth"
 
@@ -125,7 +125,7 @@ class Checkpoint(TrackerCallback):
             self.best_epoch = self.epoch
             save_atomic(model, self.folder / BEST)
             best = {"epoch": self.epoch + 1, "phase": self.phase, self.monitor: float(self.best)}
-            (self.folder / "best.json").write_text(json.dumps(best, indent=2))
+            write_json(self.folder / "best.json", best)
         meta = {
             "epochs_done": self.epoch + 1,
             "n_epoch": self.n_epoch,
@@ -184,12 +184,11 @@ class ResumeFrom(SkipToEpoch):
 
     order = TrainEvalCallback.order + 1  # after TrainEvalCallback zeroed the counters; before every other before_epoch
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, patience: int = 0):
         self.state, self.best_path = load_checkpoint(path), Path(path).with_name(BEST)
         meta = self.state["meta"]
         super().__init__(meta["epochs_done"])
-        # the plan's epochs all done (a --time-budget may have planned fewer than the fit's): no epoch trains
-        self.finished = meta["epochs_done"] >= meta.get("n_epoch", meta["epochs_done"] + 1)
+        self.finished = plan_done(meta, patience)  # no epoch trains: on to the test pass and the export
         self.paused: dict | None = None
 
     def before_fit(self):
@@ -198,22 +197,25 @@ class ResumeFrom(SkipToEpoch):
         self.paused = {}
 
     def before_epoch(self):
-        if self.epoch < self._skip_to or self.finished:
+        if self.finished:
+            # killed after its last checkpoint, in the test pass or the export: the records go back in as after a
+            # resumed epoch (clock, throughput, best weights, weight average), with the epoch counter past the
+            # end, and the fit ends here, so every callback's after_fit runs (the EMA's takes its metrics off the
+            # learner before the export)
+            self.learn.epoch = self._skip_to
+            self.restore()
+            raise CancelFitException()
+        if self.epoch < self._skip_to:
             for cb in self.learn.cbs:
                 if cb is not self and cb not in self.paused:
                     self.paused[cb] = cb.run
                     cb.run = False
             raise CancelEpochException()
         if self.paused is not None:
+            early = [cb for cb in self.paused if cb.order < self.order]
             self.restore()
-
-    def after_fit(self):
-        # every epoch was skipped: the run was killed after its last checkpoint, in the test pass or the export. The
-        # records go back in as after a resumed epoch (clock, throughput, best weights, weight average), with the
-        # epoch counter past the end, so the test pass and the export run on the trained weights.
-        if self.paused is not None:
-            self.learn.epoch = self._skip_to
-            self.restore()
+            for cb in early:  # their before_epoch came before this one's, while paused (the whitening bias freeze)
+                cb("before_epoch")
 
     def restore(self):
         for cb, run in self.paused.items():
@@ -238,6 +240,15 @@ class ResumeFrom(SkipToEpoch):
         # torch's RNG) at the first batch of a fit: do it now, as the uninterrupted run did in its first epoch
         _ = self.learn.dls.n_inp
         set_random_states(self.learn, self.state["random"])  # last: the resumed epochs draw what the lost ones would
+
+
+def plan_done(meta: dict, patience: int = 0) -> bool:
+    """Whether a checkpoint's run has trained all it will: every epoch of its plan (which a --time-budget may have
+    cut below --epochs), or, with early stopping, `patience` epochs without a better value since its best one
+    (fastai's EarlyStoppingCallback stops there; the checkpoint is written just before it does)."""
+    if meta["epochs_done"] >= meta.get("n_epoch", meta["epochs_done"] + 1):
+        return True
+    return bool(patience) and meta.get("best_epoch") is not None and meta["epochs_done"] - 1 - meta["best_epoch"] >= patience
 
 
 def trim_history(path: Path, epochs_done: int) -> None:

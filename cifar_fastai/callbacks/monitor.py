@@ -27,5 +27,5 @@ def monitor_callbacks(cfg: TrainConfig, run_dir: Path) -> list[Callback]:
         cbs.append(EarlyStoppingCallback(monitor=cfg.monitor, patience=cfg.patience, reset_on_fit=False))
         cbs.append(RestoreBest(monitor=cfg.monitor))  # the run ends with its best epoch's weights
     if cfg.resume:
-        cbs.append(ResumeFrom(checkpoint_dir(run_dir) / "last.pth"))
+        cbs.append(ResumeFrom(checkpoint_dir(run_dir) / "last.pth", patience=cfg.patience))
     return cbs

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import io
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from ..config import TrainConfig
 from ..errors import ConfigError, StudyError, TrainingError
 from ..training.resolve import resolve
 from ..utils import write_json as write_json_file
+from ..utils import write_text_atomic
 from .compare import spawn_row
 
 COLUMNS = ["row", "seed", "arch", "width", "params_m", "mflops", "epochs", "train_img_s", "peak_mem_mb", "wall_s",
@@ -272,6 +274,11 @@ def interrupted_row(cfg: TrainConfig) -> tuple[TrainConfig, set[str]] | None:
         return None
     if not (checkpoint_dir(run_dir) / LAST).is_file():
         return None
+    try:
+        if TrainConfig.from_json(run_dir / "config.json").fine_tuning:  # not resumable: trained again, as before
+            return None
+    except ConfigError:  # a garbled config: the row starts again in a new folder
+        return None
     print(f"{run_dir}: interrupted before it finished; resuming it", flush=True)
     return TrainConfig(resume=str(run_dir)), {"resume"}
 
@@ -300,7 +307,7 @@ def run_search(study: Study, base: TrainConfig, explicit: Collection[str], folde
             if spawn_row(cfg, {*explicit, *chosen, "folds", "fold", "out", "name"}) is None:
                 raise TrainingError("the chosen setting's run failed: rerun the command to train it again")
     metrics = json.loads((final / "metrics.json").read_text())
-    (folder / "study.md").write_text(search_markdown(study, result.table, chosen, metrics, budget))
+    write_text_atomic(folder / "study.md", search_markdown(study, result.table, chosen, metrics, budget))
     write_json_file(folder / "machine.json", machine())
     print(f"table: {folder / 'study.md'}", flush=True)
     return folder
@@ -337,11 +344,12 @@ def _slug(label: str) -> str:
 
 
 def write_outputs(folder: Path, study: Study, rows: list[dict], budget: dict) -> None:
-    with (folder / "study.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS)
-        writer.writeheader()
-        writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
-    (folder / "study.md").write_text(markdown(study, rows, budget))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({k: r.get(k, "") for k in COLUMNS} for r in rows)
+    write_text_atomic(folder / "study.csv", table.getvalue())  # the record of finished rows: never half a file
+    write_text_atomic(folder / "study.md", markdown(study, rows, budget))
     write_json_file(folder / "machine.json", machine())
     plot(study, rows, folder / "study.png")
 

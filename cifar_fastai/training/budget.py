@@ -268,6 +268,7 @@ class TimeBudget(Callback):
         self.start -= state["spent_s"]
         self.learn.n_epoch, self.cut_early = state["n_epoch"], state.get("cut_early", False)
         self.stop_at, self.n_batches = state.get("cut", (0, 0))
+        self.epochs_run = self.epoch  # the epochs done before the resume (all of them, if none is left to train)
 
     def summary(self) -> dict:
         if self.stop_at:  # a share of the one epoch

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..callbacks.checkpoint import LAST, checkpoint_dir, load_checkpoint, trim_history
+from ..callbacks.checkpoint import LAST, checkpoint_dir, load_checkpoint, plan_done, trim_history
 from ..config import DEFAULTS, FIELD_NAMES, TrainConfig
 from ..errors import ConfigError, WeightsError
 from ..models import Arch, get_arch
@@ -71,9 +71,9 @@ def resume_run(cfg: TrainConfig) -> tuple[TrainConfig, Path]:
         print(f"note: --resume uses the run's saved config; ignoring {' '.join(ignored)}")
     planned = meta.get("n_epoch", saved.epochs)  # a --time-budget may have cut the plan below --epochs
     trim_history(run_dir / "history.csv", meta["epochs_done"])
-    if meta["epochs_done"] >= planned:  # killed in the test pass or the export, after the plan's last epoch
-        print(f"resuming {run_dir.name} after its last epoch ({planned} of {planned} done): the test pass and the "
-              f"export, from {last}")  # fmt: skip
+    if plan_done(meta, saved.patience):  # killed in the test pass or the export, after the last epoch it trains
+        print(f"resuming {run_dir.name} after its last epoch ({meta['epochs_done']} of {planned} done): the test "
+              f"pass and the export, from {last}")  # fmt: skip
     else:
         print(f"resuming {run_dir.name} at epoch {meta['epochs_done'] + 1} of {planned} from {last}")
     return saved.replace(resume=str(run_dir), name=run_dir.name, out=str(run_dir.parent)), run_dir
