@@ -77,6 +77,8 @@ def test_each_study_runs_end_to_end_and_writes_its_table_and_plot(name, tiny_dat
         assert (recipe.crop_pad, recipe.alt_flip, recipe.arch, recipe.optimizer) == (2, True, "airbench_resnet", "muon")
     table = (folder / "study.md").read_text()
     assert all(f"| {label} | 1 |" in table for label in ROWS[name].split(","))
+    if name == "augment":  # the budget line says what the rows trained with: the recipe's settings, not the defaults
+        assert "bs=250" in table and "optimizer=muon" in table and "optimizer=adam" not in table
     assert "Machine: " in table and "Budget: " in table and ("robust acc" in table) == bool(spec.measure)
     assert json.loads((folder / "machine.json").read_text())["cores"] >= 1
     assert (folder / "study.png").stat().st_size > 10_000

@@ -386,7 +386,7 @@ def markdown(study: Study, rows: list[dict], budget: dict) -> str:
                  *([_acc(rs, "robust_acc")] if robust else [])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     m = machine()
-    shown = {k: v for k, v in budget.items() if k in SHOWN and v not in (None, "", False)}
+    shown = {k: v for k, v in trained_budget(budget, rows).items() if k in SHOWN and v not in (None, "", False)}
     lines += [
         "",
         f"Study `{study.name}`: {study.question}. Machine: {m['cpu']}, {m['cores']} cores.",
@@ -407,6 +407,18 @@ def markdown(study: Study, rows: list[dict], budget: dict) -> str:
 
 
 # the budget's settings a reader compares rows by (an attack's eps: the robust line)
+def trained_budget(budget: dict, rows: list[dict]) -> dict:
+    """The budget as the rows trained it: a recipe fills in the options nobody gave (the fast recipe's batch 250 and
+    Muon, not the defaults the budget holds), so the shared settings are read from the first row's config.json."""
+    for r in rows:
+        try:
+            saved = json.loads((Path(r["run"]) / "config.json").read_text())["config"]
+        except (OSError, ValueError, KeyError):
+            continue
+        return {k: saved.get(k, v) for k, v in budget.items()}
+    return budget
+
+
 SHOWN = ("data", "recipe", "epochs", "time_budget", "bs", "lr", "wd", "optimizer", "schedule", "train_per_class",
          "valid_pct", "precision", "tta")  # fmt: skip
 
