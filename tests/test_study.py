@@ -116,6 +116,25 @@ def test_a_row_stopped_mid_run_goes_on_from_its_checkpoint_in_its_own_folder(tin
     assert again["test_acc"] == first["test_acc"] and again["epochs"] == first["epochs"] == "1"
 
 
+def test_a_row_with_an_unreadable_checkpoint_trains_again_and_keeps_the_file(tiny_data, tmp_path, rows_in_process):
+    args = ["depth-width", "--data", str(tiny_data), "--out", str(tmp_path), "--rows", "resnet20", *TINY]
+    assert run(*args).exit_code == 0
+    folder = tmp_path / "depth-width"
+    run_dir = Path(next(csv.DictReader((folder / "study.csv").open()))["run"])
+    (run_dir / "metrics.json").unlink()
+    (folder / "study.csv").unlink()
+    last = run_dir / "checkpoints" / "last.pth"
+    last.write_bytes(b"half a checkpoint")  # what a full disk or a copy cut short leaves
+    for attempt in range(2):  # the rerun trains the row; one after it does not trip over the file again
+        res = run(*args)
+        assert res.exit_code == 0 and "Traceback" not in res.output, res.output[-3000:]
+        assert ("cannot be read" in res.output and "training the row again" in res.output) == (attempt == 0)
+    assert len(rows_in_process) == 2 and not rows_in_process[-1][0].resume, "trained again, once, not resumed"
+    assert not last.exists() and last.with_name("last.pth.unreadable").read_bytes() == b"half a checkpoint"
+    (row,) = list(csv.DictReader((folder / "study.csv").open()))
+    assert Path(row["run"]) != run_dir and (Path(row["run"]) / "metrics.json").is_file()
+
+
 def test_bad_study_names_rows_and_seeds_end_in_one_line(tiny_data, tmp_path, rows_in_process):
     for args, message in [
         (["nosuch"], "unknown study 'nosuch': choose one of depth-width, augment, robust"),

@@ -22,7 +22,7 @@ from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..callbacks.checkpoint import LAST, checkpoint_dir
+from ..callbacks.checkpoint import LAST, checkpoint_dir, load_checkpoint
 from ..config import TrainConfig
 from ..errors import ConfigError, StudyError, TrainingError
 from ..training.resolve import resolve
@@ -270,14 +270,19 @@ def interrupted_row(cfg: TrainConfig) -> tuple[TrainConfig, set[str]] | None:
     """A row whose run folder holds a checkpoint but no metrics.json was stopped mid-run (a study's row can train for
     half an hour): it goes on from its last epoch (`--resume`) instead of starting again in a new folder."""
     run_dir = Path(cfg.out) / cfg.name
-    if not (run_dir / "config.json").is_file() or (run_dir / "metrics.json").is_file():
-        return None
-    if not (checkpoint_dir(run_dir) / LAST).is_file():
+    last = checkpoint_dir(run_dir) / LAST
+    if not (run_dir / "config.json").is_file() or (run_dir / "metrics.json").is_file() or not last.is_file():
         return None
     try:
         if TrainConfig.from_json(run_dir / "config.json").fine_tuning:  # not resumable: trained again, as before
             return None
     except ConfigError:  # a garbled config: the row starts again in a new folder
+        return None
+    try:
+        load_checkpoint(last)
+    except ConfigError as e:  # kept under another name, so the next rerun neither fails on it nor reads it again
+        last.rename(last.with_name(LAST + ".unreadable"))
+        print(f"{run_dir}: {e}; training the row again (the file is kept as {LAST}.unreadable)", flush=True)
         return None
     print(f"{run_dir}: interrupted before it finished; resuming it", flush=True)
     return TrainConfig(resume=str(run_dir)), {"resume"}
