@@ -83,7 +83,6 @@ APPS = {
     "scripts/train.py": ("cifar_fastai.cli", "train_app"),
     "scripts/sweep.py": ("cifar_fastai.cli", "sweep_app"),
     "scripts/compare.py": ("cifar_fastai.cli", "compare_app"),
-    "scripts/transfer_study.py": ("cifar_fastai.cli", "transfer_app"),
     "scripts/study.py": ("cifar_fastai.cli", "study_app"),
 }
 

@@ -292,22 +292,3 @@ def test_init_from_a_run_on_other_classes(tiny_data, tiny_run, tmp_path):
     md = (res.run_dir / "finetune.md").read_text()
     assert "before fine-tuning" in md and "after the frozen phase" in md and "after unfreezing" in md
     assert (res.run_dir / "finetune.png").stat().st_size > 0
-
-
-def test_transfer_study_writes_a_table_of_both_arms(tiny_data, tmp_path):
-    from cifar_fastai.studies.transfer import transfer_study
-
-    study = transfer_study(
-        str(tiny_data), per_class=(10,), pretrain_epochs=1, budget_images=100, max_epochs=2, bs=16, out=str(tmp_path),
-        verbose=False,
-    )  # fmt: skip
-    result = json.loads((study / "study.json").read_text())
-    (cell,) = result["cells"]
-    assert cell["n_train"] == 50 and cell["epochs"] == 2, "10 images x 5 target classes, 2 epochs for both arms"
-    for arm, folder in (("scratch", "scratch-10"), ("finetuned", "finetune-10")):
-        run = json.loads((tmp_path / study.name / folder / "metrics.json").read_text())
-        assert cell[arm]["test_accuracy"] == run["test_accuracy"] and cell[arm]["fit_seconds"] > 0, "the arm's own run"
-    ft_config = json.loads((tmp_path / study.name / "finetune-10" / "config.json").read_text())["config"]
-    assert ft_config["init_from"].endswith("pretrain") and ft_config["classes"] == result["target_classes"]
-    row = f"| 10 | 50 | 2 | {cell['scratch']['test_accuracy']:.4f} | {cell['finetuned']['test_accuracy']:.4f} |"
-    assert row in (study / "study.md").read_text()

@@ -19,6 +19,7 @@ from cifar_fastai.training.resolve import resolve
 # two cheap rows of each study (the row process itself: test_cifar_resnets' compare test runs it for real)
 ROWS = {"depth-width": "resnet20,resnet20:2", "augment": "none,fast recipe", "robust": "standard,fgsm-rs"}
 SEARCHES = {"search"}  # a sweep, then one test run: its own test below
+LINKED = {"transfer"}  # rows that start from earlier rows' results: its own test below
 TINY = ["--epochs", "1", "--train-per-class", "10", "--time-budget", "0", "--seeds", "0"]
 
 
@@ -41,7 +42,7 @@ def run(*args: str):
 
 
 def test_every_named_study_is_in_the_test_and_its_labels_can_be_picked():
-    assert set(ROWS) | SEARCHES == set(STUDIES), "each study runs end to end below"
+    assert set(ROWS) | SEARCHES | LINKED == set(STUDIES), "each study runs end to end below"
     for s in STUDIES.values():
         labels = [r.label for r in s.rows]
         assert len(set(labels)) == len(labels) and not any("," in x for x in labels), f"{s.name}: --rows splits on ','"
@@ -133,6 +134,37 @@ def test_a_row_with_an_unreadable_checkpoint_trains_again_and_keeps_the_file(tin
     assert not last.exists() and last.with_name("last.pth.unreadable").read_bytes() == b"half a checkpoint"
     (row,) = list(csv.DictReader((folder / "study.csv").open()))
     assert Path(row["run"]) != run_dir and (Path(row["run"]) / "metrics.json").is_file()
+
+
+def test_transfer_fine_tunes_the_pretrained_row_and_gives_scratch_its_wall_time(tiny_data, tmp_path, rows_in_process):
+    from cifar_fastai.studies.study import TRANSFER_SOURCE, TRANSFER_TARGET
+
+    picked = "pretrain,50/class fine-tuned,50/class scratch"
+    args = ["transfer", "--data", str(tiny_data), "--out", str(tmp_path), "--epochs", "1", "--width", "0.25"]
+    res = run(*args, "--rows", picked)
+    assert res.exit_code == 0, res.output[-3000:]
+    (pre, _), (ft, _), (sc, _) = rows_in_process
+    folder = tmp_path / "transfer"
+    table = {r["row"]: r for r in csv.DictReader((folder / "study.csv").open())}
+    assert pre.classes == TRANSFER_SOURCE and pre.optimizer == "muon", "pretrained by the fast recipe"
+    assert ft.classes == sc.classes == TRANSFER_TARGET and ft.train_per_class == sc.train_per_class == 50
+    assert ft.init_from == table["pretrain"]["run"] and ft.freeze_epochs == 1 and sc.init_from is None
+    assert ft.epochs == sc.epochs == 1, "the command line's --epochs won over the rows' own"
+    assert ft.bs == sc.bs == 32 and ft.lr == sc.lr == 2e-3 and ft.optimizer == sc.optimizer == "adam"
+    assert sc.time_budget == float(table["50/class fine-tuned"]["wall_s"]) > 0, "scratch gets the fine-tuned time"
+    md = (folder / "study.md").read_text()
+    ft_acc, sc_acc = (float(table[f"50/class {arm}"]["test_acc"]) for arm in ("fine-tuned", "scratch"))
+    assert f"| {100 * (ft_acc - sc_acc):+.2f} |" in md and "finetune.png" in md
+    assert (Path(table["50/class fine-tuned"]["run"]) / "finetune.png").is_file()
+    assert (folder / "study.png").stat().st_size > 10_000
+    for rows, message in [
+        ("50/class scratch", "needs row '50/class fine-tuned' before it"),
+        (picked, "cannot be trained with these options"),  # with a budget: fine-tuning's two fits refuse it
+    ]:
+        extra = ["--time-budget", "60"] if rows == picked else []
+        bad = run(*args, "--rows", rows, "--name", "other", *extra)
+        assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, bad.output
+    assert len(rows_in_process) == 3, "refused before anything trained"
 
 
 def test_bad_study_names_rows_and_seeds_end_in_one_line(tiny_data, tmp_path, rows_in_process):

@@ -38,6 +38,14 @@ COLUMNS = ["row", "seed", "arch", "width", "params_m", "mflops", "epochs", "trai
 class Row:
     label: str
     options: dict = field(default_factory=dict)  # TrainConfig fields on top of the study's base
+    # settings of this row that the user's command line overrides (a transfer row's epochs: a smoke run's --epochs 1)
+    defaults: dict = field(default_factory=dict)
+    # (option, label of an earlier row, its column): set from that row's result for the same seed when this row
+    # starts, e.g. ("init_from", "pretrain", "run"), ("time_budget", "50/class fine-tuned", "wall_s")
+    linked: tuple[tuple[str, str, str], ...] = ()
+
+    def settings(self, user_given: Collection[str]) -> dict:
+        return {**{k: v for k, v in self.defaults.items() if k not in user_given}, **self.options}
 
 
 @dataclass(frozen=True)
@@ -49,7 +57,9 @@ class Study:
     seeds: tuple[int, ...] = (0,)
     # in the row's process after training: {"attack": "pgd", "eps": ..., "alpha": ..., "steps": ..., "n": ...}
     measure: dict | None = None
-    plot: str = "bars"  # "cost": accuracy against wall time, FLOPs and params; "bars": accuracy per row
+    # "cost": accuracy against wall time, FLOPs and params; "bars": accuracy per row; "transfer": both arms against
+    # the images per class, with the table of their gains
+    plot: str = "bars"
     search: tuple[str, ...] = ()  # a search study: scripts/sweep.py's -p values, cross-validated (no rows)
 
 
@@ -77,6 +87,31 @@ _NO_FLIP = {"alt_flip": False, "flip": False}
 # uniform start. PGD-7 with step 2/255 is Madry et al.'s training attack.
 _ROBUST = {"arch": "resnet20", "time_budget": 600.0, "epochs": 60, "bs": 128, "lr": 2e-3, "eps": 8 / 255,
            "precision": "fp32"}  # fmt: skip
+
+# Fine-tuning against training from scratch: the fast recipe's net pretrained by the fast recipe itself (Muon, its
+# ten-minute budget) on five classes, then the other five learnt at three data sizes, twice each with the same net,
+# data, AdamW rate and batch: fine-tuned from the pretrained run (fastai's fine_tune: one frozen epoch, then all
+# layers) and from scratch (fit_one_cycle) within the fine-tuned row's wall time, so both arms get the same time
+# and at most the same images. Epochs per size: about 60,000 training images a row, at most 40 epochs (the
+# earlier transfer script's rule), on CIFAR-10's 4,500 images per class after the hold-out. The two halves each mix
+# vehicles and animals, so neither is "the easy one".
+TRANSFER_SOURCE, TRANSFER_TARGET = "airplane,automobile,bird,cat,deer", "dog,frog,horse,ship,truck"
+_TRANSFER = {"arch": "airbench_resnet", "precision": "auto"}
+
+
+def _transfer_rows() -> tuple[Row, ...]:
+    rows = [Row("pretrain", {"recipe": "fast", "classes": TRANSFER_SOURCE})]
+    for tag, per_class, epochs, bs in (("50", 50, 40, 32), ("500", 500, 24, 128), ("all", None, 3, 128)):
+        data = {"classes": TRANSFER_TARGET, "train_per_class": per_class}
+        fit = {"bs": bs, "lr": 2e-3, "time_budget": 0.0}
+        rows += [
+            Row(f"{tag}/class fine-tuned", {**data, "freeze_epochs": 1}, {**fit, "epochs": epochs - 1},
+                (("init_from", "pretrain", "run"),)),
+            Row(f"{tag}/class scratch", data, {**fit, "epochs": epochs},
+                (("time_budget", f"{tag}/class fine-tuned", "wall_s"),)),
+        ]  # fmt: skip
+    return tuple(rows)
+
 
 # A 3 x 3 grid of AdamW's rate and weight decay for resnet20, each setting 3-fold cross-validated on the training
 # images (the test images are never seen), then the best mean validation accuracy trained once on all of them and
@@ -122,6 +157,10 @@ STUDIES = {
             measure={"attack": "pgd", "eps": 8 / 255, "alpha": 2 / 255, "steps": 20, "n": 1000},
         ),
         Study(
+            "transfer", "when fine-tuning a pretrained body beats training from scratch, at equal wall time",
+            _TRANSFER, _transfer_rows(), plot="transfer",
+        ),
+        Study(
             "search", "how to choose hyperparameters without touching the test set (k-fold, then one test)",
             _SEARCH, (), search=("lr=1e-3,3e-3,1e-2", "wd=0.005,0.05,0.5"),
         ),
@@ -155,11 +194,13 @@ def machine() -> dict:
             "amx": "amx_tile" in cpu["flags"], "versions": versions()}  # fmt: skip
 
 
-def study_budget(study: Study, base: TrainConfig) -> dict:
+def study_budget(study: Study, base: TrainConfig, user_given: Collection[str] = ()) -> dict:
     """What every row of the study shares: the config without the fields any of its rows sets (all its rows, so a
-    `--rows` subset keeps the same budget), the row's seed, name and folder; and the study's measurement (a search:
-    its grid, and its seed, which draws the folds)."""
-    varied = {k for r in study.rows for k in r.options} | {"name", "out"} | ({"seed"} if study.rows else set())
+    `--rows` subset keeps the same budget; a row's default only where the user left it), the row's seed, name and
+    folder; and the study's measurement (a search: its grid, and its seed, which draws the folds)."""
+    varied = {k for r in study.rows for k in (*r.options, *(o for o, _, _ in r.linked))}
+    varied |= {k for r in study.rows for k in r.defaults if k not in user_given}
+    varied |= {"name", "out"} | ({"seed"} if study.rows else set())
     return {**{k: v for k, v in base.to_dict().items() if k not in varied}, "measure": study.measure,
             **({"search": list(study.search)} if study.search else {})}  # fmt: skip
 
@@ -228,29 +269,42 @@ def run_study(
         return run_search(study, base, explicit, folder, lock)
     seeds = tuple(dict.fromkeys(seeds or study.seeds))  # a seed given twice trains once
     rows = rows or study.rows
-    budget = study_budget(study, base)
+    user_given = set(explicit) - set(study.base)  # the options of the command line: they win over a row's defaults
+    budget = study_budget(study, base, user_given)
     check_budget(folder, budget)
+    labels = [r.label for r in rows]
     plans = []
     for row in rows:  # every row's settings checked before the first one trains
+        for option, source, _ in row.linked:
+            if option not in user_given and source not in labels[: labels.index(row.label)]:
+                raise StudyError(f"{study.name} row {row.label!r} needs row {source!r} before it: add it to --rows")
+        settings = row.settings(user_given)
+        pending = {o: f"<{src}>" for o, src, column in row.linked if column == "run" and o not in user_given}
         for seed in seeds:
             cfg_name = f"{_slug(row.label)}-s{seed}"
             try:
-                cfg = base.replace(**row.options, seed=seed, out=str(folder), name=cfg_name)
-                resolve(cfg, {*explicit, *row.options, "seed", "out", "name"})
+                if pending:  # the config's own checks with the linked run in place (fine-tuning refuses a budget)
+                    base.replace(**settings, **pending)
+                cfg = base.replace(**settings, seed=seed, out=str(folder), name=cfg_name)
+                resolve(cfg, {*explicit, *settings, "seed", "out", "name"})  # a linked setting is checked at its start
             except (ConfigError, TypeError) as e:
                 raise StudyError(f"{study.name} row {row.label!r} cannot be trained with these options: {e}") from None
-            plans.append((row, seed, cfg))
+            plans.append((row, seed, cfg, settings))
     save_budget(folder, budget)
     done_rows = read_rows(folder / "study.csv")
     done = {(r["row"], int(r["seed"])) for r in done_rows}
     failed = []
     given = {*explicit, "seed", "out", "name"}
-    for row, seed, cfg in plans:
+    for row, seed, cfg, settings in plans:
         if (row.label, seed) in done:
             print(f"{row.label} seed {seed}: already in {folder / 'study.csv'}, skipped", flush=True)
             continue
         print(f"=== {study.name}: {row.label}, seed {seed} ===", flush=True)
-        cfg, explicit_row = interrupted_row(cfg) or (cfg, {*given, *row.options})
+        linked = linked_settings(row, seed, done_rows, user_given)
+        if linked is None:
+            failed.append(f"{row.label} (seed {seed}; a row it needs failed)")
+            continue
+        cfg, explicit_row = interrupted_row(cfg) or (cfg.replace(**linked), {*given, *settings, *linked})
         with held(lock):
             result = spawn_row(cfg, explicit_row, study.measure)
         if result is None:
@@ -264,6 +318,21 @@ def run_study(
     if failed:
         raise TrainingError(f"{len(failed)} row(s) failed: {', '.join(failed)} (rerun the command to retry them)")
     return folder
+
+
+def linked_settings(row: Row, seed: int, done_rows: list[dict], user_given: Collection[str]) -> dict | None:
+    """The settings `row` takes from rows finished before it (same seed): a run folder (`run`) or a number; None when
+    one of those rows is not in the table (it failed)."""
+    out = {}
+    for option, source, column in row.linked:
+        if option in user_given:  # the command line wins here too (a smoke run's --time-budget 0)
+            continue
+        found = [r for r in done_rows if r["row"] == source and int(r["seed"]) == seed]
+        if not found:
+            print(f"{row.label} seed {seed}: row {source!r} did not finish, so this row cannot start", flush=True)
+            return None
+        out[option] = found[-1][column] if column == "run" else float(found[-1][column])
+    return out
 
 
 def interrupted_row(cfg: TrainConfig) -> tuple[TrainConfig, set[str]] | None:
@@ -391,7 +460,10 @@ def markdown(study: Study, rows: list[dict], budget: dict) -> str:
                  *([_acc(rs, "robust_acc")] if robust else [])]  # fmt: skip
         lines.append("| " + " | ".join(cells) + " |")
     m = machine()
-    shown = {k: v for k, v in trained_budget(budget, rows).items() if k in SHOWN and v not in (None, "", False)}
+    # a row with a recipe of its own (transfer's pretraining) does not say what the others trained with
+    own_recipe = {r.label for r in study.rows if "recipe" in r.options}
+    shared = trained_budget(budget, [r for r in rows if r["row"] not in own_recipe] or rows)
+    shown = {k: v for k, v in shared.items() if k in SHOWN and v not in (None, "", False)}
     lines += [
         "",
         f"Study `{study.name}`: {study.question}. Machine: {m['cpu']}, {m['cores']} cores.",
@@ -402,6 +474,10 @@ def markdown(study: Study, rows: list[dict], budget: dict) -> str:
             "FLOPs per image at the training size (torch's FlopCounterMode, 1 MAC = 2 FLOPs)."
         ),
     ]
+    if own_recipe:
+        lines.append(f"Rows with a recipe of their own ({', '.join(sorted(own_recipe))}) train with its settings.")
+    if study.plot == "transfer":
+        lines += ["", *transfer_table(rows)]
     if robust:
         a = study.measure
         lines.append(
@@ -409,6 +485,41 @@ def markdown(study: Study, rows: list[dict], budget: dict) -> str:
             f"{a['alpha'] * 255:g}/255) on the first {rs[0].get('attack_n') or a['n']} test images."
         )
     return "\n".join(lines) + "\n"
+
+
+def _run_info(row: dict) -> dict:
+    """A finished row's run: its config.json (settings and resolved sizes) and whether it wrote a fine-tuning report."""
+    run = Path(row["run"])
+    try:
+        saved = json.loads((run / "config.json").read_text())
+    except (OSError, ValueError):
+        saved = {}
+    return {"n_train": saved.get("resolved", {}).get("n_train"), "report": (run / "finetune.png").is_file(), "run": run}
+
+
+def transfer_pairs(rows: list[dict]) -> list[tuple[str, list[dict], list[dict]]]:
+    """(size tag, fine-tuned rows, scratch rows) per data size, in the table's order; a size with one arm is left out."""
+    groups = grouped(rows)
+    tags = dict.fromkeys(label.split("/class")[0] for label in groups if "/class" in label)
+    return [(t, groups[f"{t}/class fine-tuned"], groups[f"{t}/class scratch"]) for t in tags
+            if f"{t}/class fine-tuned" in groups and f"{t}/class scratch" in groups]  # fmt: skip
+
+
+def transfer_table(rows: list[dict]) -> list[str]:
+    lines = [("| images per class | train images | fine-tuned: epochs, wall (s) | from scratch: epochs, wall (s) | "
+             "fine-tuned: test acc (%) | from scratch: test acc (%) | gain (points) |"), "|---|" + "---:|" * 6]  # fmt: skip
+    for tag, ft, sc in transfer_pairs(rows):
+        gain = 100 * (_mean(ft, "test_acc") - _mean(sc, "test_acc"))
+        lines.append(f"| {tag} | {_run_info(ft[0])['n_train'] or ''} | {_mean(ft, 'epochs'):g}, {_mean(ft, 'wall_s'):,.0f} | "
+                     f"{_mean(sc, 'epochs'):g}, {_mean(sc, 'wall_s'):,.0f} | {_acc(ft, 'test_acc')} | "
+                     f"{_acc(sc, 'test_acc')} | {gain:+.2f} |")  # fmt: skip
+    reports = [r["run"] for _, ft, _ in transfer_pairs(rows) for r in ft[:1] if _run_info(r)["report"]]
+    lines += ["", ("Both arms learn the target classes with the same net, data, rate and batch; the scratch arm trains "
+              "within the fine-tuned row's wall time (`--time-budget`), so its epochs can be fewer. Test accuracy on "
+              "the target classes' test images.")]  # fmt: skip
+    if reports:
+        lines.append(f"How far fine-tuning moved each layer group: `{Path(reports[-1]) / 'finetune.png'}`.")
+    return lines
 
 
 # the budget's settings a reader compares rows by (an attack's eps: the robust line)
@@ -435,7 +546,23 @@ def plot(study: Study, rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = grouped(rows)
-    if study.plot == "cost":
+    if study.plot == "transfer":
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        pairs = transfer_pairs(rows)
+        xs = [_run_info(ft[0])["n_train"] or 0 for _, ft, _ in pairs]
+        for arm, k in (("fine-tuned", 1), ("from scratch", 2)):
+            ax.plot(xs, [_mean(p[k], "test_acc") for p in pairs], marker="o", label=arm)
+        for x, (tag, _, _) in zip(xs, pairs):
+            ax.annotate(f"{tag}/class", (x, ax.get_ylim()[0]), fontsize=7, xytext=(2, 4), textcoords="offset points")
+        if "pretrain" in groups:
+            ax.set_title(f"pretrained body: {100 * _mean(groups['pretrain'], 'test_acc'):.1f}% on its own classes",
+                         fontsize=8)  # fmt: skip
+        ax.set_xscale("log")
+        ax.set_xlabel("training images of the target classes")
+        ax.set_ylabel("test accuracy")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    elif study.plot == "cost":
         fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
         for ax, key, label in zip(axes, ("wall_s", "mflops", "params_m"),
                                   ("wall time of the row (s)", "MFLOPs per image (forward)", "parameters (M)")):  # fmt: skip
