@@ -131,9 +131,10 @@ def test_a_row_with_an_unreadable_checkpoint_trains_again_and_keeps_the_file(tin
         assert res.exit_code == 0 and "Traceback" not in res.output, res.output[-3000:]
         assert ("cannot be read" in res.output and "training the row again" in res.output) == (attempt == 0)
     assert len(rows_in_process) == 2 and not rows_in_process[-1][0].resume, "trained again, once, not resumed"
-    assert not last.exists() and last.with_name("last.pth.unreadable").read_bytes() == b"half a checkpoint"
+    kept = run_dir.with_name(run_dir.name + ".unreadable") / "checkpoints" / "last.pth"
+    assert kept.read_bytes() == b"half a checkpoint", "the old folder is kept aside"
     (row,) = list(csv.DictReader((folder / "study.csv").open()))
-    assert Path(row["run"]) != run_dir and (Path(row["run"]) / "metrics.json").is_file()
+    assert Path(row["run"]) == run_dir and (run_dir / "metrics.json").is_file(), "the retrain took the row's folder"
 
 
 def test_transfer_fine_tunes_the_pretrained_row_and_gives_scratch_its_wall_time(tiny_data, tmp_path, rows_in_process):
@@ -157,14 +158,22 @@ def test_transfer_fine_tunes_the_pretrained_row_and_gives_scratch_its_wall_time(
     assert f"| {100 * (ft_acc - sc_acc):+.2f} |" in md and "finetune.png" in md
     assert (Path(table["50/class fine-tuned"]["run"]) / "finetune.png").is_file()
     assert (folder / "study.png").stat().st_size > 10_000
-    for rows, message in [
-        ("50/class scratch", "needs row '50/class fine-tuned' before it"),
-        (picked, "cannot be trained with these options"),  # with a budget: fine-tuning's two fits refuse it
+    for rows, extra, message in [
+        ("50/class scratch", ["--name", "other"], "starts from row '50/class fine-tuned'"),
+        # with a budget: fine-tuning's two fits refuse it
+        (picked, ["--name", "other", "--time-budget", "60"], "cannot be trained with these options"),
+        (picked, [], "another budget (epochs: 1 -> per row"),  # the rows' own epochs into the 1-epoch folder
     ]:
-        extra = ["--time-budget", "60"] if rows == picked else []
-        bad = run(*args, "--rows", rows, "--name", "other", *extra)
+        bad = run(*(args if extra else args[:-4] + args[-2:]), "--rows", rows, *extra)
         assert bad.exit_code == 2 and message in bad.output and "Traceback" not in bad.output, bad.output
     assert len(rows_in_process) == 3, "refused before anything trained"
+    # a row already in the table counts as run before: the scratch arm alone again, the command line's --init-from
+    # not reaching it
+    lines = (folder / "study.csv").read_text().splitlines(keepends=True)
+    (folder / "study.csv").write_text("".join(lines[:3]))
+    res = run(*args, "--rows", "50/class scratch", "--init-from", table["pretrain"]["run"])
+    assert res.exit_code == 0, res.output[-3000:]
+    assert rows_in_process[-1][0].init_from is None and rows_in_process[-1][0].weights is None
 
 
 def test_bad_study_names_rows_and_seeds_end_in_one_line(tiny_data, tmp_path, rows_in_process):

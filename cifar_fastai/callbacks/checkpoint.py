@@ -45,7 +45,7 @@ def load_checkpoint(path: str | Path) -> dict:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # any failure to read the file means it cannot be resumed from
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {(str(e).splitlines() or [''])[0]})") from e
 
 
 def base_dl(dl):

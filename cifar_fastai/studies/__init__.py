@@ -1,1 +1,2 @@
-"""The studies: depth and width (`compare`), hyperparameter search (`sweep`), fine-tuning vs from scratch (`transfer`)."""
+"""The studies: the named ones (`study`: depth and width, augmentation, transfer, robustness, search), grids of
+architectures (`compare`), hyperparameter search (`sweep`)."""

@@ -97,6 +97,7 @@ _ROBUST = {"arch": "resnet20", "time_budget": 600.0, "epochs": 60, "bs": 128, "l
 # vehicles and animals, so neither is "the easy one".
 TRANSFER_SOURCE, TRANSFER_TARGET = "airplane,automobile,bird,cat,deer", "dog,frog,horse,ship,truck"
 _TRANSFER = {"arch": "airbench_resnet", "precision": "auto"}
+_SCRATCH = {"init_from": None, "weights": None, "pretrained": False}  # the scratch arm, whatever the command line says
 
 
 def _transfer_rows() -> tuple[Row, ...]:
@@ -107,7 +108,7 @@ def _transfer_rows() -> tuple[Row, ...]:
         rows += [
             Row(f"{tag}/class fine-tuned", {**data, "freeze_epochs": 1}, {**fit, "epochs": epochs - 1},
                 (("init_from", "pretrain", "run"),)),
-            Row(f"{tag}/class scratch", data, {**fit, "epochs": epochs},
+            Row(f"{tag}/class scratch", {**data, **_SCRATCH}, {**fit, "epochs": epochs},
                 (("time_budget", f"{tag}/class fine-tuned", "wall_s"),)),
         ]  # fmt: skip
     return tuple(rows)
@@ -198,11 +199,13 @@ def study_budget(study: Study, base: TrainConfig, user_given: Collection[str] = 
     """What every row of the study shares: the config without the fields any of its rows sets (all its rows, so a
     `--rows` subset keeps the same budget; a row's default only where the user left it), the row's seed, name and
     folder; and the study's measurement (a search: its grid, and its seed, which draws the folds)."""
-    varied = {k for r in study.rows for k in (*r.options, *(o for o, _, _ in r.linked))}
-    varied |= {k for r in study.rows for k in r.defaults if k not in user_given}
-    varied |= {"name", "out"} | ({"seed"} if study.rows else set())
-    return {**{k: v for k, v in base.to_dict().items() if k not in varied}, "measure": study.measure,
-            **({"search": list(study.search)} if study.search else {})}  # fmt: skip
+    varied = {k for r in study.rows for k in r.options} | {"name", "out"} | ({"seed"} if study.rows else set())
+    # a row's default or linked setting: the user's value when given, else recorded as the rows' own, so a rerun
+    # with or without --epochs into the same folder is refused like any other change of budget
+    per_row = {k for r in study.rows for k in (*r.defaults, *(o for o, _, _ in r.linked))} - varied
+    budget = {k: v for k, v in base.to_dict().items() if k not in varied}
+    budget.update({k: "per row" for k in per_row if k not in user_given})
+    return {**budget, "measure": study.measure, **({"search": list(study.search)} if study.search else {})}
 
 
 def check_budget(folder: Path, budget: dict) -> None:
@@ -273,11 +276,13 @@ def run_study(
     budget = study_budget(study, base, user_given)
     check_budget(folder, budget)
     labels = [r.label for r in rows]
+    finished = {r["row"] for r in read_rows(folder / "study.csv")}
     plans = []
     for row in rows:  # every row's settings checked before the first one trains
         for option, source, _ in row.linked:
-            if option not in user_given and source not in labels[: labels.index(row.label)]:
-                raise StudyError(f"{study.name} row {row.label!r} needs row {source!r} before it: add it to --rows")
+            if option not in user_given and source not in {*labels[: labels.index(row.label)], *finished}:
+                raise StudyError(f"{study.name} row {row.label!r} starts from row {source!r}: list it before "
+                                 f"{row.label!r} in --rows")  # fmt: skip
         settings = row.settings(user_given)
         pending = {o: f"<{src}>" for o, src, column in row.linked if column == "run" and o not in user_given}
         for seed in seeds:
@@ -304,7 +309,11 @@ def run_study(
         if linked is None:
             failed.append(f"{row.label} (seed {seed}; a row it needs failed)")
             continue
-        cfg, explicit_row = interrupted_row(cfg) or (cfg.replace(**linked), {*given, *settings, *linked})
+        try:
+            linked_cfg = cfg.replace(**linked)
+        except ConfigError as e:
+            raise StudyError(f"{study.name} row {row.label!r} cannot start from its earlier rows: {e}") from None
+        cfg, explicit_row = interrupted_row(cfg) or (linked_cfg, {*given, *settings, *linked})
         with held(lock):
             result = spawn_row(cfg, explicit_row, study.measure)
         if result is None:
@@ -331,7 +340,8 @@ def linked_settings(row: Row, seed: int, done_rows: list[dict], user_given: Coll
         if not found:
             print(f"{row.label} seed {seed}: row {source!r} did not finish, so this row cannot start", flush=True)
             return None
-        out[option] = found[-1][column] if column == "run" else float(found[-1][column])
+        # a run folder as an absolute path: the table may hold it relative to where the study started
+        out[option] = str(Path(found[-1][column]).resolve()) if column == "run" else float(found[-1][column])
     return out
 
 
@@ -349,9 +359,15 @@ def interrupted_row(cfg: TrainConfig) -> tuple[TrainConfig, set[str]] | None:
         return None
     try:
         load_checkpoint(last)
-    except ConfigError as e:  # kept under another name, so the next rerun neither fails on it nor reads it again
-        last.rename(last.with_name(LAST + ".unreadable"))
-        print(f"{run_dir}: {e}; training the row again (the file is kept as {LAST}.unreadable)", flush=True)
+    except ConfigError as e:
+        # kept under another name: the retrain takes the row's own folder, so it can resume there in turn
+        aside = run_dir.with_name(f"{run_dir.name}.unreadable")
+        for i in range(1, 1000):
+            if not aside.exists():
+                break
+            aside = run_dir.with_name(f"{run_dir.name}.unreadable-{i}")
+        run_dir.rename(aside)
+        print(f"{run_dir}: {e}; training the row again (the old folder is kept as {aside.name})", flush=True)
         return None
     print(f"{run_dir}: interrupted before it finished; resuming it", flush=True)
     return TrainConfig(resume=str(run_dir)), {"resume"}
@@ -463,6 +479,7 @@ def markdown(study: Study, rows: list[dict], budget: dict) -> str:
     # a row with a recipe of its own (transfer's pretraining) does not say what the others trained with
     own_recipe = {r.label for r in study.rows if "recipe" in r.options}
     shared = trained_budget(budget, [r for r in rows if r["row"] not in own_recipe] or rows)
+    shared.update({k: v for k, v in budget.items() if v == "per row"})  # one row's value would pass for all rows'
     shown = {k: v for k, v in shared.items() if k in SHOWN and v not in (None, "", False)}
     lines += [
         "",
@@ -509,7 +526,9 @@ def transfer_table(rows: list[dict]) -> list[str]:
     lines = [("| images per class | train images | fine-tuned: epochs, wall (s) | from scratch: epochs, wall (s) | "
              "fine-tuned: test acc (%) | from scratch: test acc (%) | gain (points) |"), "|---|" + "---:|" * 6]  # fmt: skip
     for tag, ft, sc in transfer_pairs(rows):
-        gain = 100 * (_mean(ft, "test_acc") - _mean(sc, "test_acc"))
+        both = {r["seed"] for r in ft} & {r["seed"] for r in sc}  # the gain pairs the arms seed by seed
+        gain = 100 * statistics.fmean(float(a["test_acc"]) - float(b["test_acc"]) for a in ft for b in sc
+                                      if a["seed"] == b["seed"] and a["seed"] in both) if both else float("nan")  # fmt: skip
         lines.append(f"| {tag} | {_run_info(ft[0])['n_train'] or ''} | {_mean(ft, 'epochs'):g}, {_mean(ft, 'wall_s'):,.0f} | "
                      f"{_mean(sc, 'epochs'):g}, {_mean(sc, 'wall_s'):,.0f} | {_acc(ft, 'test_acc')} | "
                      f"{_acc(sc, 'test_acc')} | {gain:+.2f} |")  # fmt: skip
