@@ -529,7 +529,8 @@ def transfer_table(rows: list[dict]) -> list[str]:
         both = {r["seed"] for r in ft} & {r["seed"] for r in sc}  # the gain pairs the arms seed by seed
         gain = 100 * statistics.fmean(float(a["test_acc"]) - float(b["test_acc"]) for a in ft for b in sc
                                       if a["seed"] == b["seed"] and a["seed"] in both) if both else float("nan")  # fmt: skip
-        lines.append(f"| {tag} | {_run_info(ft[0])['n_train'] or ''} | {_mean(ft, 'epochs'):g}, {_mean(ft, 'wall_s'):,.0f} | "
+        n_train = _run_info(ft[0])["n_train"]
+        lines.append(f"| {tag} | {f'{n_train:,}' if n_train else ''} | {_mean(ft, 'epochs'):g}, {_mean(ft, 'wall_s'):,.0f} | "
                      f"{_mean(sc, 'epochs'):g}, {_mean(sc, 'wall_s'):,.0f} | {_acc(ft, 'test_acc')} | "
                      f"{_acc(sc, 'test_acc')} | {gain:+.2f} |")  # fmt: skip
     reports = [r["run"] for _, ft, _ in transfer_pairs(rows) for r in ft[:1] if _run_info(r)["report"]]
