@@ -276,7 +276,8 @@ def run_study(
     budget = study_budget(study, base, user_given)
     check_budget(folder, budget)
     labels = [r.label for r in rows]
-    finished = {r["row"] for r in read_rows(folder / "study.csv")}
+    done_rows = read_rows(folder / "study.csv")
+    finished = {r["row"] for r in done_rows}
     plans = []
     for row in rows:  # every row's settings checked before the first one trains
         for option, source, _ in row.linked:
@@ -296,7 +297,6 @@ def run_study(
                 raise StudyError(f"{study.name} row {row.label!r} cannot be trained with these options: {e}") from None
             plans.append((row, seed, cfg, settings))
     save_budget(folder, budget)
-    done_rows = read_rows(folder / "study.csv")
     done = {(r["row"], int(r["seed"])) for r in done_rows}
     failed = []
     given = {*explicit, "seed", "out", "name"}
@@ -511,7 +511,7 @@ def _run_info(row: dict) -> dict:
         saved = json.loads((run / "config.json").read_text())
     except (OSError, ValueError):
         saved = {}
-    return {"n_train": saved.get("resolved", {}).get("n_train"), "report": (run / "finetune.png").is_file(), "run": run}
+    return {"n_train": saved.get("resolved", {}).get("n_train"), "report": (run / "finetune.png").is_file()}
 
 
 def transfer_pairs(rows: list[dict]) -> list[tuple[str, list[dict], list[dict]]]:
@@ -526,9 +526,9 @@ def transfer_table(rows: list[dict]) -> list[str]:
     lines = [("| images per class | train images | fine-tuned: epochs, wall (s) | from scratch: epochs, wall (s) | "
              "fine-tuned: test acc (%) | from scratch: test acc (%) | gain (points) |"), "|---|" + "---:|" * 6]  # fmt: skip
     for tag, ft, sc in transfer_pairs(rows):
-        both = {r["seed"] for r in ft} & {r["seed"] for r in sc}  # the gain pairs the arms seed by seed
-        gain = 100 * statistics.fmean(float(a["test_acc"]) - float(b["test_acc"]) for a in ft for b in sc
-                                      if a["seed"] == b["seed"] and a["seed"] in both) if both else float("nan")  # fmt: skip
+        # the gain pairs the arms seed by seed (a seed one arm lacks is left out)
+        diffs = [float(a["test_acc"]) - float(b["test_acc"]) for a in ft for b in sc if a["seed"] == b["seed"]]
+        gain = 100 * statistics.fmean(diffs) if diffs else float("nan")
         n_train = _run_info(ft[0])["n_train"]
         lines.append(f"| {tag} | {f'{n_train:,}' if n_train else ''} | {_mean(ft, 'epochs'):g}, {_mean(ft, 'wall_s'):,.0f} | "
                      f"{_mean(sc, 'epochs'):g}, {_mean(sc, 'wall_s'):,.0f} | {_acc(ft, 'test_acc')} | "
