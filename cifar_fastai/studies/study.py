@@ -504,14 +504,18 @@ def markdown(study: Study, rows: list[dict], budget: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _run_info(row: dict) -> dict:
-    """A finished row's run: its config.json (settings and resolved sizes) and whether it wrote a fine-tuning report."""
-    run = Path(row["run"])
+def _run_config(row: dict) -> dict:
+    """A finished row's config.json (its settings and resolved sizes); {} when the run folder is gone or garbled."""
     try:
-        saved = json.loads((run / "config.json").read_text())
+        return json.loads((Path(row["run"]) / "config.json").read_text())
     except (OSError, ValueError):
-        saved = {}
-    return {"n_train": saved.get("resolved", {}).get("n_train"), "report": (run / "finetune.png").is_file()}
+        return {}
+
+
+def _run_info(row: dict) -> dict:
+    """A finished row's training-set size and whether it wrote a fine-tuning report."""
+    return {"n_train": _run_config(row).get("resolved", {}).get("n_train"),
+            "report": (Path(row["run"]) / "finetune.png").is_file()}  # fmt: skip
 
 
 def transfer_pairs(rows: list[dict]) -> list[tuple[str, list[dict], list[dict]]]:
@@ -525,7 +529,8 @@ def transfer_pairs(rows: list[dict]) -> list[tuple[str, list[dict], list[dict]]]
 def transfer_table(rows: list[dict]) -> list[str]:
     lines = [("| images per class | train images | fine-tuned: epochs, wall (s) | from scratch: epochs, wall (s) | "
              "fine-tuned: test acc (%) | from scratch: test acc (%) | gain (points) |"), "|---|" + "---:|" * 6]  # fmt: skip
-    for tag, ft, sc in transfer_pairs(rows):
+    pairs = transfer_pairs(rows)
+    for tag, ft, sc in pairs:
         # the gain pairs the arms seed by seed (a seed one arm lacks is left out)
         diffs = [float(a["test_acc"]) - float(b["test_acc"]) for a in ft for b in sc if a["seed"] == b["seed"]]
         gain = 100 * statistics.fmean(diffs) if diffs else float("nan")
@@ -533,7 +538,7 @@ def transfer_table(rows: list[dict]) -> list[str]:
         lines.append(f"| {tag} | {f'{n_train:,}' if n_train else ''} | {_mean(ft, 'epochs'):g}, {_mean(ft, 'wall_s'):,.0f} | "
                      f"{_mean(sc, 'epochs'):g}, {_mean(sc, 'wall_s'):,.0f} | {_acc(ft, 'test_acc')} | "
                      f"{_acc(sc, 'test_acc')} | {gain:+.2f} |")  # fmt: skip
-    reports = [r["run"] for _, ft, _ in transfer_pairs(rows) for r in ft[:1] if _run_info(r)["report"]]
+    reports = [ft[0]["run"] for _, ft, _ in pairs if _run_info(ft[0])["report"]]
     lines += ["", ("Both arms learn the target classes with the same net, data, rate and batch; the scratch arm trains "
               "within the fine-tuned row's wall time (`--time-budget`), so its epochs can be fewer. Test accuracy on "
               "the target classes' test images.")]  # fmt: skip
@@ -547,11 +552,8 @@ def trained_budget(budget: dict, rows: list[dict]) -> dict:
     """The budget as the rows trained it: a recipe fills in the options nobody gave (the fast recipe's batch 250 and
     Muon, not the defaults the budget holds), so the shared settings are read from the first row's config.json."""
     for r in rows:
-        try:
-            saved = json.loads((Path(r["run"]) / "config.json").read_text())["config"]
-        except (OSError, ValueError, KeyError):
-            continue
-        return {k: saved.get(k, v) for k, v in budget.items()}
+        if saved := _run_config(r).get("config"):
+            return {k: saved.get(k, v) for k, v in budget.items()}
     return budget
 
 
