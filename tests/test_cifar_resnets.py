@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 from pathlib import Path
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from cifar_fastai import TrainConfig, get_arch, get_data, list_archs
 from cifar_fastai.cli import compare_app
-from cifar_fastai.models.cifar_resnet import zero_init_residual
+from cifar_fastai.models.cifar_resnet import Scale, fold_head_scale, zero_init_residual
 from cifar_fastai.studies.compare import CompareError, compare, parse_grid
 from cifar_fastai.training.learner import create_learner
 from cifar_fastai.training.resolve import resolve
@@ -121,3 +122,60 @@ def test_compare_command_rejects_unknown_arch_and_widths_of_torchvision_models()
     assert parse_grid("resnet18,resnet20", "1,2") == [("resnet18", 1.0), ("resnet20", 1.0), ("resnet20", 2.0)]
     with pytest.raises(CompareError, match="own models"):
         parse_grid("resnet18:2")
+
+
+def head_scale(model: torch.nn.Module) -> float:
+    return float(next(m for m in model.modules() if isinstance(m, Scale)).factor)
+
+
+@pytest.mark.parametrize("name", ["airbench_resnet", "resnet9"])
+def test_adam_runs_fold_the_logit_scale_into_the_head_with_the_same_outputs(name, data):
+    torch.manual_seed(0)
+    model = build(name, 0.25).eval()
+    folded = copy.deepcopy(model)
+    assert fold_head_scale(folded) == 1 and fold_head_scale(folded) == 0  # once, and only once
+    x = torch.randn(4, 3, 32, 32)
+    assert head_scale(folded) == 1.0 and torch.allclose(folded(x), model(x), atol=1e-5)
+    # wired where the learner is made: folded for fastai's Adam, left as tuned for Muon's and SGD's head rates
+    assert head_scale(create_learner(TrainConfig(arch=name, width=0.25, bs=2), data).model) == 1.0
+    sgd = create_learner(TrainConfig(arch=name, width=0.25, bs=2, optimizer="sgd"), data).model
+    assert head_scale(sgd) == head_scale(model) < 1.0
+    if name == "airbench_resnet":
+        muon = TrainConfig(arch=name, width=0.25, bs=2, optimizer="muon", schedule="linear")
+        assert head_scale(create_learner(muon, data).model) < 1.0
+
+
+def test_an_adam_step_moves_the_folded_head_as_much_as_a_plain_layer():
+    """What the fold is for: Adam steps each weight by about the rate, so a 1/64 scale after a unit-std head made its
+    logits move 64x slower than they do once folded (fine-tuning's head-only phase then learnt next to nothing)."""
+    torch.manual_seed(0)
+    model = build("airbench_resnet", 0.25).eval()  # 64 features: logits / 64
+    folded = copy.deepcopy(model)
+    fold_head_scale(folded)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+
+    def relative_logit_change(m):
+        head = m[1][3]
+        opt = torch.optim.Adam([head.weight], lr=1e-3)
+        before = m(x).detach()
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+        opt.step()
+        with torch.no_grad():
+            return float((m(x) - before).abs().mean() / before.abs().mean())
+
+    assert relative_logit_change(folded) > 30 * relative_logit_change(model)
+
+
+def test_the_folded_scale_is_saved_with_the_weights_and_old_files_still_load():
+    torch.manual_seed(0)
+    model = build("airbench_resnet", 0.25).eval()
+    folded = copy.deepcopy(model)
+    fold_head_scale(folded)
+    x = torch.randn(2, 3, 32, 32)
+    fresh = build("airbench_resnet", 0.25).eval()  # as load_model builds it: unfolded, then the weights go in
+    fresh.load_state_dict(folded.state_dict())
+    assert head_scale(fresh) == 1.0 and torch.allclose(fresh(x), model(x), atol=1e-5)
+    old = {k: v for k, v in model.state_dict().items() if not k.endswith("factor")}  # saved before the buffer
+    fresh = copy.deepcopy(folded)
+    fresh.load_state_dict(old)  # strict: the missing factor is not an error, it takes the built-in value
+    assert head_scale(fresh) == 1 / 64 and torch.allclose(fresh(x), model(x), atol=1e-5)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
+from itertools import pairwise
 
 import torch
 from fastai.torch_core import params
@@ -103,14 +104,50 @@ class Residual(nn.Module):
 
 
 class Scale(nn.Module):
-    """Multiply the logits by a constant (Page's ResNet-9 scales them by 0.125)."""
+    """Multiply the logits by a constant (Page's ResNet-9 scales them by 0.125, airbench by 1 / width).
+
+    The factor is a buffer, saved with the weights: `fold_head_scale` moves it into the linear layer before, and a
+    folded model must reload as folded. Weights saved before it was a buffer load with the built-in factor.
+    """
 
     def __init__(self, factor: float):
         super().__init__()
-        self.factor = factor
+        self.default = float(factor)
+        self.register_buffer("factor", torch.tensor(self.default))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.factor
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        key = prefix + "factor"
+        if key not in state_dict:  # an older file: its linear weights were trained with the built-in factor
+            self.factor.fill_(self.default)
+            if key in missing_keys:
+                missing_keys.remove(key)
+
+
+@torch.no_grad()
+def fold_head_scale(model: nn.Module) -> int:
+    """Fold every `Scale` into the linear layer before it (same outputs); returns how many were folded.
+
+    Why: the scale suits SGD, whose step on the weights shrinks with the gradient. Adam's step is about the learning
+    rate per weight whatever the gradient's size, so logits scaled by 1/256 after a unit-std layer move 256x slower
+    than any other layer's outputs: fine-tuning's frozen phase (head only) then learns next to nothing. Folded, the
+    head is a plain linear layer with small initial weights, which Adam trains at the rate it trains the rest.
+    """
+    folded = 0
+    for seq in model.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for prev, layer in pairwise(seq):
+            if isinstance(layer, Scale) and isinstance(prev, nn.Linear) and float(layer.factor) != 1.0:
+                prev.weight.mul_(layer.factor)
+                if prev.bias is not None:
+                    prev.bias.mul_(layer.factor)
+                layer.factor.fill_(1.0)
+                folded += 1
+    return folded
 
 
 def init_weights(model: nn.Module) -> nn.Module:

@@ -19,7 +19,7 @@ from ..data.loaders import CifarData
 from ..data.transforms import cifar_stats, imagenet_stats
 from ..errors import WeightsError
 from ..models import Arch, get_arch
-from ..models.cifar_resnet import PatchWhiten, zero_init_residual
+from ..models.cifar_resnet import PatchWhiten, fold_head_scale, zero_init_residual
 from .optim import muon_opt
 from .weights import load_body_weights, run_stats, source_run, weights_cache_hint
 
@@ -87,6 +87,8 @@ def create_learner(cfg: TrainConfig, data: CifarData, path: str | Path = ".", cb
             ) from e
     else:
         model = arch.builder(n_out=n_out, width=cfg.width, dropout=cfg.dropout or 0.0)
+        if cfg.optimizer == "adam":
+            fold_head_scale(model)  # a constant after the head would hold Adam's head steps back (see there)
         learn = Learner(data.dls, model, splitter=arch.splitter or default_split, **common)
     if any(isinstance(m, PatchWhiten) for m in learn.model.modules()) and not cfg.fine_tuning:
         learn.add_cb(WhitenInit())  # the whitening stem is set from the training images at the first fit
