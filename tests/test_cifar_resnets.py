@@ -175,7 +175,8 @@ def test_the_folded_scale_is_saved_with_the_weights_and_old_files_still_load():
     fresh = build("airbench_resnet", 0.25).eval()  # as load_model builds it: unfolded, then the weights go in
     fresh.load_state_dict(folded.state_dict())
     assert head_scale(fresh) == 1.0 and torch.allclose(fresh(x), model(x), atol=1e-5)
-    old = {k: v for k, v in model.state_dict().items() if not k.endswith("factor")}  # saved before the buffer
+    old = model.state_dict()  # unfolded: saved without the factor, as files from before the fold
+    assert not any(k.endswith("factor") for k in old) and any(k.endswith("factor") for k in folded.state_dict())
     fresh = copy.deepcopy(folded)
     fresh.load_state_dict(old)  # strict: the missing factor is not an error, it takes the built-in value
     assert head_scale(fresh) == 1 / 64 and torch.allclose(fresh(x), model(x), atol=1e-5)

@@ -106,8 +106,8 @@ class Residual(nn.Module):
 class Scale(nn.Module):
     """Multiply the logits by a constant (Page's ResNet-9 scales them by 0.125, airbench by 1 / width).
 
-    The factor is a buffer, saved with the weights: `fold_head_scale` moves it into the linear layer before, and a
-    folded model must reload as folded. Weights saved before it was a buffer load with the built-in factor.
+    The factor is a buffer: `fold_head_scale` moves it into the linear layer before, and a folded model must reload
+    as folded, so a changed factor is saved with the weights; weights without it load with the built-in factor.
     """
 
     def __init__(self, factor: float):
@@ -117,6 +117,13 @@ class Scale(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.factor
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # saved only once folded: unfolded weights stay readable by versions without the buffer, and those refuse
+        # (unexpected key) folded ones, which they would misread
+        if float(self.factor) == self.default:
+            del destination[prefix + "factor"]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
