@@ -16,7 +16,8 @@ from cifar_fastai.callbacks.ema import ModelEma
 from cifar_fastai.errors import ConfigError, TrainingError
 from cifar_fastai.training.run import train
 
-TINY = {"arch": "tiny", "epochs": 2, "bs": 16, "lr": 1e-2}  # conftest's tiny_run, which trains without --ema
+# conftest's tiny_run, which trains without --ema; precision and device pinned as there (auto picks bf16 on CPUs with it)
+TINY = {"arch": "tiny", "epochs": 2, "bs": 16, "lr": 1e-2, "device": "cpu", "precision": "fp32"}
 
 
 def history(run_dir) -> list[dict]:

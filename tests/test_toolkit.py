@@ -27,7 +27,7 @@ from cifar_fastai.training.learner import create_learner, norm_stats
 from cifar_fastai.training.run import train
 from tests.conftest import REPO
 
-TINY = {"arch": "tiny", "bs": 16, "lr": 1e-2, "threads": 1}
+TINY = {"arch": "tiny", "bs": 16, "lr": 1e-2, "threads": 1, "precision": "fp32"}  # auto would pick by host
 
 
 def history_epochs(run_dir) -> list[int]:
@@ -133,7 +133,9 @@ def test_regularization_options_reach_the_fit_and_are_recorded_in_config_json(to
 
 # ------------------------------------------------------------------------------------------------------------ resume
 def test_sigkill_mid_run_then_resume_matches_uninterrupted_run(tiny_data, tmp_path):
-    args = ["--data", str(tiny_data), "--epochs", "3", "--bs", "16", "--lr", "1e-2", "--threads", "1", "--arch", "tiny"]
+    # precision pinned: in a fresh process --precision auto probes the CPU, and the two processes could choose apart
+    args = ["--data", str(tiny_data), "--epochs", "3", "--bs", "16", "--lr", "1e-2", "--threads", "1", "--arch", "tiny",
+            "--precision", "fp32"]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(
         [sys.executable, "scripts/train.py", *args, "--out", str(tmp_path), "--name", "killed"],
