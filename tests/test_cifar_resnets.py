@@ -128,11 +128,17 @@ def head_scale(model: torch.nn.Module) -> float:
     return float(next(m for m in model.modules() if isinstance(m, Scale)).factor)
 
 
-@pytest.mark.parametrize("name", ["airbench_resnet", "resnet9"])
-def test_adam_runs_fold_the_logit_scale_into_the_head_with_the_same_outputs(name, data):
+def built_and_folded(name: str) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A quarter-width net as built (eval mode) and a folded copy of it."""
     torch.manual_seed(0)
     model = build(name, 0.25).eval()
     folded = copy.deepcopy(model)
+    return model, folded
+
+
+@pytest.mark.parametrize("name", ["airbench_resnet", "resnet9"])
+def test_adam_runs_fold_the_logit_scale_into_the_head_with_the_same_outputs(name, data):
+    model, folded = built_and_folded(name)
     assert fold_head_scale(folded) == 1 and fold_head_scale(folded) == 0  # once, and only once
     x = torch.randn(4, 3, 32, 32)
     assert head_scale(folded) == 1.0 and torch.allclose(folded(x), model(x), atol=1e-5)
@@ -148,9 +154,7 @@ def test_adam_runs_fold_the_logit_scale_into_the_head_with_the_same_outputs(name
 def test_an_adam_step_moves_the_folded_head_as_much_as_a_plain_layer():
     """What the fold is for: Adam steps each weight by about the rate, so a 1/64 scale after a unit-std head made its
     logits move 64x slower than they do once folded (fine-tuning's head-only phase then learnt next to nothing)."""
-    torch.manual_seed(0)
-    model = build("airbench_resnet", 0.25).eval()  # 64 features: logits / 64
-    folded = copy.deepcopy(model)
+    model, folded = built_and_folded("airbench_resnet")  # 64 features: logits / 64
     fold_head_scale(folded)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
 
@@ -167,9 +171,7 @@ def test_an_adam_step_moves_the_folded_head_as_much_as_a_plain_layer():
 
 
 def test_the_folded_scale_is_saved_with_the_weights_and_old_files_still_load():
-    torch.manual_seed(0)
-    model = build("airbench_resnet", 0.25).eval()
-    folded = copy.deepcopy(model)
+    model, folded = built_and_folded("airbench_resnet")
     fold_head_scale(folded)
     x = torch.randn(2, 3, 32, 32)
     fresh = build("airbench_resnet", 0.25).eval()  # as load_model builds it: unfolded, then the weights go in
