@@ -190,6 +190,32 @@ def test_benchmark_variants_parse_into_a_recipe_and_options_and_refuse_what_is_n
         parse(["fast=fast --select 0.5"])
 
 
+def test_benchmark_says_how_much_sooner_each_recipe_reaches_the_docs_recipes_accuracy():
+    """With the fastai-docs recipe in the same invocation, each recipe's summary has `vs_docs`: the docs runs' mean
+    test accuracy, the wall time at which each run's curve first reached it, and the speedup over the docs runs."""
+    summarize = script_app("bench/time_to_accuracy.py", "summarize")
+
+    def run(recipe, wall, acc, curve, tta=None):
+        return {"recipe": recipe, "base_recipe": recipe, "options": [], "config": {}, "host_speed": None,
+                "process_wall_s": wall, "test_accuracy": acc, "test_accuracy_tta": tta,
+                "curve_wall_s_valid_accuracy": curve}  # fmt: skip
+
+    docs = [run("docs", 1000.0, 0.80, [(200.0, 0.6), (1000.0, 0.80)])]
+    fast = [run("fast", 300.0, 0.88, [(50.0, 0.7), (100.0, 0.81), (250.0, 0.88)], tta=0.89),
+            run("fast", 320.0, 0.87, [(50.0, 0.7), (150.0, 0.80), (270.0, 0.87)], tta=0.88),
+            # the curve stays under, the final test pass reaches it: the whole run counts
+            run("fast", 340.0, 0.81, [(60.0, 0.7), (300.0, 0.79)])]  # fmt: skip
+    late = [run("record", 900.0, 0.70, [(900.0, 0.70)])]  # never reaches it: no speedup
+    out = summarize([*docs, *fast, *late])
+    v = out["fast"]["vs_docs"]
+    assert v["docs_test_accuracy"] == 0.80 and v["wall_s_to_docs_accuracy"] == [100.0, 150.0, 340.0]
+    assert v["speedup"] == pytest.approx(1000.0 / ((100 + 150 + 340) / 3))
+    assert v["wall_ratio"] == pytest.approx(320.0 / 1000.0)
+    assert v["test_accuracy_points"] == pytest.approx(100 * ((0.89 + 0.88 + 0.81) / 3 - 0.80))
+    assert out["record"]["vs_docs"]["speedup"] is None and out["record"]["vs_docs"]["wall_s_to_docs_accuracy"] == [None]
+    assert "vs_docs" not in out["docs"] and "vs_docs" not in summarize([*fast, *late])["fast"]
+
+
 def test_a_benchmark_folder_refuses_a_run_asked_with_other_options(tmp_path, monkeypatch):
     """Runs are reused by folder name: one trained with other options (a variant redefined) is refused, not mixed in;
     the --time-budget the benchmark computes anew each invocation is not an option that differs."""
