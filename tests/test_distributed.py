@@ -154,3 +154,25 @@ def test_lr_find_refuses_torchrun(tiny_data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     with pytest.raises(TrainingError, match="one process"):
         lr_find(TrainConfig(data=str(tiny_data), arch="tiny", out=str(tmp_path)), verbose=False)
+
+
+def test_a_failing_ranks_error_file_appears_whole_where_torchrun_reads_it(tmp_path, monkeypatch):
+    """torchrun reads each failed rank's error file (TORCHELASTIC_ERROR_FILE) for its summary; a file read while
+    being written crashes the launcher, so the file is moved into place only once complete."""
+    from cifar_fastai.training.distributed import recorded
+
+    path = tmp_path / "error.json"
+    monkeypatch.setenv("TORCHELASTIC_ERROR_FILE", str(path))
+    seen = []
+
+    def fail():
+        seen.append(os.environ["TORCHELASTIC_ERROR_FILE"])
+        raise RuntimeError("simulated failure")
+
+    with pytest.raises(RuntimeError, match="simulated failure"):
+        recorded(fail)
+    assert seen[0] != str(path), "written beside its path, not in place"
+    assert "simulated failure" in json.loads(path.read_text())["message"]["message"]
+    assert os.environ["TORCHELASTIC_ERROR_FILE"] == str(path) and list(tmp_path.iterdir()) == [path]
+    path.unlink()
+    assert recorded(lambda: 42) == 42 and not path.exists(), "a clean finish writes no error file"

@@ -209,12 +209,30 @@ def global_throughput(stats: dict[str, float]) -> dict[str, float]:
     return {k: v * n if k.endswith("images_per_s") else v for k, v in stats.items()}
 
 
-def launch(job: Callable[[], Any]) -> Any:
-    """Run a CLI job on this rank: errors name the rank; the process group is closed after a clean finish."""
+def recorded(job: Callable[[], Any]) -> Any:
+    """`job()` under torch's `record`, so torchrun's failure summary shows this rank's exception instead of
+    "error_file: <N/A>"; the error file appears whole or not at all. torch writes it in place, and when another
+    rank's failure makes the launcher stop this one mid-write, the launcher then reads an empty file and crashes
+    with a JSONDecodeError instead of printing its summary (seen under load). So the file is written beside its
+    path and moved there once complete."""
     from torch.distributed.elastic.multiprocessing.errors import record
 
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return record(job)()
+    partial = f"{path}.{os.getpid()}.partial"
+    os.environ["TORCHELASTIC_ERROR_FILE"] = partial
+    try:
+        return record(job)()
+    finally:
+        os.environ["TORCHELASTIC_ERROR_FILE"] = path
+        if os.path.exists(partial):
+            os.replace(partial, path)
+
+
+def launch(job: Callable[[], Any]) -> Any:
+    """Run a CLI job on this rank: errors name the rank; the process group is closed after a clean finish."""
     with report_rank_failure():
-        # record: torchrun's failure summary then shows this rank's exception instead of "error_file: <N/A>"
-        result = record(job)() if is_distributed() else job()
+        result = recorded(job) if is_distributed() else job()
     shutdown()  # not on failure: the launcher stops the other ranks, and NCCL's teardown may wait for them
     return result
