@@ -155,10 +155,13 @@ def test_a_first_epoch_far_over_the_budget_is_cut_early_so_the_schedule_still_de
     assert n_iter >= 10, "enough batches to project from"
     budget = TimeBudget(n_iter * epochs_of_budget + budget_module.EXPORT_S, 0.0, 32)
     fit(learn, cfg, [Slow(), budget])
-    # 2.6: the first epoch's tolerance would let a third epoch in (over budget); the early plan holds
-    assert len(learn.recorder.values) == fitting and budget.summary()["epochs_run"] == fitting
+    # 2.6: the first epoch's tolerance would let a third whole epoch in (over budget); the early plan holds, and
+    # takes the share of one more that the whole epochs leave
+    assert len(learn.recorder.values) == fitting + 1 and fitting < budget.summary()["epochs_run"] < fitting + 1
     early = max(2, min(budget_module.EARLY_BATCHES, n_iter // 5))
-    assert f"{fitting} of 6 epochs fit (the first {early} batches of epoch 1 took {early} s" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert f"{fitting} of 6 epochs fit, and " in printed and f"% of epoch {fitting + 1} (the first {early} batches of " \
+        f"epoch 1 took {early} s" in printed
     assert learn.recorder.lrs[-1] < 0.01 * 3 / n_iter, "the rate decayed over the epochs that fit"
 
 
@@ -223,6 +226,65 @@ def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_valida
     assert lrs[early] == pytest.approx(lrs[early - 1], abs=0.01 * 1.5 / (fit_batches - early)) and lrs[early - 1] > 0.0095
     assert f"not one epoch fits ({n_iter} s an epoch at the pace of the first {early} batches): epoch 1 trains " \
         f"{fit_batches} of its {n_iter} batches" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("last_pace", [1.0, 2.0])
+def test_the_time_whole_epochs_leave_trains_part_of_one_more(last_pace, tiny_data, capsys, monkeypatch):
+    """The clock advances 1 s per training batch and the budget holds 2.4 epochs: after 2 whole epochs the plan
+    takes 40% of a third, the rate schedule ends within those batches, and validation, test and export still run.
+    A host that slows down in that last epoch (2 s a batch: `last_pace`) has it trimmed to what still fits."""
+    import types
+
+    from fastai.callback.core import Callback
+
+    from cifar_fastai.data.loaders import get_data
+    from cifar_fastai.training.learner import create_learner, norm_stats
+    from cifar_fastai.training.run import fit
+
+    clock, trained = [0.0], []
+    monkeypatch.setattr(budget_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
+
+    class Slow(Callback):
+        order = -30
+
+        def after_batch(self):
+            if self.training:
+                clock[0] += last_pace if self.epoch == 2 else 1.0
+                trained.append((self.epoch, self.iter))
+
+    cfg = TrainConfig(data=str(tiny_data), arch="tiny", bs=4, epochs=3, valid_pct=0.2, schedule="linear", lr=0.01,
+                      optimizer="sgd", train_per_class=20)  # fmt: skip
+    learn = create_learner(cfg, get_data(cfg, norm_stats(cfg)))
+    n_iter = len(learn.dls.train)
+    assert n_iter >= 40, "enough batches for a share of one to be measured"
+    budget = TimeBudget(2.4 * n_iter + budget_module.EXPORT_S, 0.0, 32)  # validation takes no time on this clock
+    fit(learn, cfg, [Slow(), budget])
+    last = [i for e, i in trained if e == 2]
+    planned = round(0.4 * n_iter)
+    assert len(learn.recorder.values) == 3, "the part epoch was validated too"
+    assert "2 of 3 epochs fit, and 40% of epoch 3" in capsys.readouterr().out
+    assert learn.pct_train == pytest.approx(1.0), "the schedule ran to its end"
+    if last_pace == 1.0:
+        assert last == list(range(planned)), "the share of the last epoch that fits, from its first batch"
+        assert learn.recorder.lrs[-1] < 0.01 * 1.5 / (3 * planned), "the rate decayed to ~0 over those batches"
+        assert budget.summary() == {"budget_s": budget.budget_s, "epochs_planned": 3, "epochs_run": round(2 + planned / n_iter, 3),
+                                    "last_epoch_batches": planned, "batches_per_epoch": n_iter}  # fmt: skip
+    else:  # measured after its first batches: at 2 s a batch nothing more fits
+        early = min(budget_module.EARLY_BATCHES, planned // 2)
+        assert last == list(range(early)) and budget.summary()["last_epoch_batches"] == early
+    assert clock[0] <= budget.budget_s - budget_module.EXPORT_S + 1e-9, "and the export's time is still kept"
+
+
+def test_a_sliver_of_an_epoch_is_not_worth_its_validation(tiny_data):
+    from types import SimpleNamespace
+
+    cb = TimeBudget(100.0, 0.0, 32)
+    cb.learn = SimpleNamespace(epoch=0, n_epoch=4)
+    cb.before_fit()
+    cb.t_train, cb.t_valid = 30.0, 2.0
+    assert cb.part_that_fits(2, 1, 32.0, lambda s: 30.0, 2.0, 5.0) == pytest.approx((100 - 32 - 32 - 2 - 5) / 30)
+    assert cb.part_that_fits(1, 1, 88.0, lambda s: 30.0, 2.0, 5.0) == 0.0, "5 s of a 30 s epoch: under a quarter"
+    assert cb.part_that_fits(1, 1, 0.0, lambda s: 30.0, 2.0, 5.0) == 0.0, "a whole epoch fits: not a part"
 
 
 def test_a_cut_made_after_a_slow_epoch_is_taken_back(tiny_data):

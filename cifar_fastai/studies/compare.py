@@ -97,8 +97,9 @@ def run_row(plan: Resolved, measure: dict | None = None) -> dict:
     counts = count_model(model, cfg.size)
     m = result.metrics
     epochs = len((result.run_dir / "history.csv").read_text().splitlines()) - 1  # one line per epoch fit
-    if "batches_run" in m.get("time_budget", {}):  # a budget under one epoch: the share of it trained
-        epochs = m["time_budget"]["epochs_run"]
+    budget = m.get("time_budget", {})
+    if "batches_run" in budget or "last_epoch_batches" in budget:  # a share of the one epoch, or of the last one
+        epochs = budget["epochs_run"]
     return {
         **(robust_row(result.run_dir, measure) if measure else {}),
         "epochs": epochs,

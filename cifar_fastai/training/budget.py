@@ -120,6 +120,15 @@ FITTED_TOLERANCE = 0.05
 # depending on how fast the host was in the first epoch.
 FIRST_EPOCH_TOLERANCE = 0.25
 
+# Whole epochs leave the time of the epoch they drop unused: the `fast` runs at 0.75x the record's wall time ended
+# 55-110 s inside their budget, a dropped 32 px epoch being the biggest one (docs/speed.md). So when the budget binds,
+# the plan takes one epoch more, the last, and that one trains the share of its batches that fits (as a first epoch
+# over the whole budget already does); the schedule's last share is stretched over those batches, so the rate
+# still ends at its final value. A share under LAST_PART_MIN is not taken: its validation pass would cost about as
+# much as its few batches buy. The share is measured again after the last epoch's first batches (the host's pace
+# then), so a slower hour trims it rather than overrun.
+LAST_PART_MIN = 0.25
+
 
 class TimeBudget(Callback):
     """Set `n_epoch` after each epoch so that the run ends within `budget_s` seconds of `start` (a
@@ -143,11 +152,13 @@ class TimeBudget(Callback):
         self.n_valid, self.train_passes, self.valid_passes = n_valid, train_passes, valid_passes
         self.planned = self.epochs_run = None
         self.reason = ""
-        self.stop_at = self.n_batches = 0  # a cut first epoch: the batches it trains, of how many
+        self.stop_at = self.n_batches = 0  # a cut first or last epoch: the batches it trains, of how many
+        self.last_part, self.end_s = 0.0, 0.0  # the share of the last epoch planned; what is kept after it (s)
 
     def before_fit(self):
         self.planned, self.n_planned, self.measured, self.cut_early = self.n_epoch, 0, {}, False
         self.stop_at = self.n_batches = 0
+        self.last_part = 0.0
 
     def before_epoch(self):
         if self.epoch >= self.n_epoch:  # lowered after the previous epoch: the run ends here
@@ -158,10 +169,24 @@ class TimeBudget(Callback):
         self._t0 = time.perf_counter()
 
     def before_batch(self):
-        if self.training and self.stop_at and self.iter >= self.stop_at:
+        if not self.training:
+            return
+        if self.last_part and self.iter == 0 and self.epoch == self.n_epoch - 1 and not self.stop_at:
+            # the last epoch, planned in part: TrainEvalCallback set pct_train = epoch / n_epoch and adds
+            # 1 / (n_iter * n_epoch) per batch, so with n_iter = the batches it trains pct_train reaches 1 at its end
+            self.stop_at, self.n_batches = max(1, round(self.last_part * self.n_iter)), self.n_iter
+            self.learn.n_iter = self.stop_at
+            self.say(f"time budget {self.budget_s:.0f} s: the last epoch, {self.epoch + 1}, trains {self.stop_at:,} of "
+                     f"its {self.n_batches:,} batches")  # fmt: skip
+        if self.stop_at and self.iter >= self.stop_at:
             raise CancelTrainException  # the cut epoch's batches are done: on to validation
 
     def after_batch(self):
+        if self.training and self.last_part and self.stop_at:  # the last epoch, in part
+            k = min(EARLY_BATCHES, self.stop_at // 2)
+            if k >= 2 and self.iter + 1 == k:
+                self.retrim_last()
+            return
         early = max(2, min(EARLY_BATCHES, self.n_iter // 5))
         if not self.training or self.epoch != 0 or self.n_planned or self.progressive or self.cut_early:
             return
@@ -178,7 +203,9 @@ class TimeBudget(Callback):
         n_valid = self.valid_passes * self.n_valid / distributed.world_size()
         valid_s = VALID_SHARE * cost * n_valid / max(self.n_iter * self.dls.train.bs, 1) / self.train_passes
         reserve = valid_s / self.valid_passes * self.test_scale + EXPORT_S  # the test pass: the kept weights only
-        n = plan_epochs(self.budget_s, self._t0 - self.start, 0, self.planned, lambda s: cost, valid_s, reserve, self.size)
+        n = plan_epochs(
+            self.budget_s, self._t0 - self.start, 0, self.planned, lambda s: cost, valid_s, reserve, self.size
+        )
         # not even one epoch: the batches that fit in what is left once validation, test and export are kept
         per_batch = (now - self._t0) / early
         fit = early + int(max(0.0, self.budget_s - (now - self.start) - valid_s - reserve) / per_batch)
@@ -191,11 +218,17 @@ class TimeBudget(Callback):
             self.learn.n_epoch, self.cut_early, self.stop_at, self.n_batches = 1, True, fit, self.n_iter
             remaining = fit - self.iter
         elif n < EARLY_CUT * self.planned:
-            self.reason = (f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit (the first {early} "
-                           f"batches of epoch 1 took {now - self._t0:.0f} s, {cost:.0f} s an epoch at that pace)")  # fmt: skip
+            # and the share of one more that the whole epochs leave, planned now: added after the schedule has ended
+            # it would restart the rate
+            part = self.part_that_fits(n, 0, self._t0 - self.start, lambda s: cost, valid_s, reserve)
+            part = distributed.broadcast_object(part)
+            more = f", and {part:.0%} of epoch {n + 1}" if part else ""
+            self.reason = (f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit{more} (the first "
+                           f"{early} batches of epoch 1 took {now - self._t0:.0f} s, {cost:.0f} s an epoch at that pace)")  # fmt: skip
             if distributed.is_main():
                 print(self.reason, flush=True)
-            self.learn.n_epoch, self.cut_early = n, True
+            self.learn.n_epoch, self.cut_early = n + (1 if part else 0), True
+            self.last_part, self.end_s = part, valid_s + reserve
             remaining = self.n_iter - self.iter
         else:
             return
@@ -205,6 +238,28 @@ class TimeBudget(Callback):
         # included, and fastai sets n_iter again at the next epoch; so the schedule keeps its whole shape and ends
         # exactly at its final rate
         self.learn.n_iter = remaining / (1 - self.n_epoch * self.pct_train)
+
+    def retrim_last(self) -> None:
+        """The last epoch's batches again, at the pace of its first ones (the host's speed now, at the full size),
+        and the schedule's end stretched or shrunk to match."""
+        now = time.perf_counter()
+        done = self.iter + 1
+        per_batch = (now - self._t0) / done
+        fit = done + int(max(0.0, self.budget_s - (now - self.start) - self.end_s) / per_batch)
+        fit = distributed.broadcast_object(min(fit, self.n_batches))
+        if fit == self.stop_at or self.pct_train >= 1:
+            return
+        self.stop_at = fit
+        # pct_train is to reach 1 after the batches left, this one included: TrainEvalCallback, after this callback,
+        # adds 1 / (n_iter * n_epoch) for each
+        self.learn.n_iter = (fit - self.iter) / (self.n_epoch * (1 - self.pct_train))
+        self.say(f"time budget {self.budget_s:.0f} s: at the pace of its first {done} batches, the last epoch trains "
+                 f"{fit:,} of its {self.n_batches:,} batches")  # fmt: skip
+
+    def say(self, line: str) -> None:
+        self.reason = line
+        if distributed.is_main():
+            print(line, flush=True)
 
     def after_train(self):
         self.t_train = time.perf_counter() - self._t0
@@ -224,8 +279,13 @@ class TimeBudget(Callback):
         self.epochs_run = done = self.epoch + 1
         if self.t_train is None or self.stop_at:  # skipped on --resume (nothing measured); or the cut one: the last
             return
-        n = distributed.broadcast_object(self.plan(done))  # every rank stops after the same epoch (rank 0's clock)
-        if n != self.n_epoch:  # fewer; or more again (up to --epochs) when an earlier cut was for a slow epoch
+        if done >= self.n_epoch:  # the schedule has ended at its final rate: more epochs now would restart it
+            return
+        # every rank stops after the same epoch, and trains as much of a last one (rank 0's clock)
+        part = self.last_part
+        n, self.last_part = distributed.broadcast_object((self.plan(done), self.last_part))
+        # fewer; or more again (up to --epochs) when an earlier cut was for a slow epoch; or a new share of the last
+        if n != self.n_epoch or (part > 0) != (self.last_part > 0):
             if distributed.is_main():
                 print(self.reason, flush=True)
             self.learn.n_epoch = n
@@ -247,30 +307,52 @@ class TimeBudget(Callback):
         # the shorter one, and the tolerance would only let the run overrun its budget
         if self.n_planned == 1 and not self.cut_early:
             tolerance = max(tolerance, FIRST_EPOCH_TOLERANCE)
+        elapsed = time.perf_counter() - self.start
         n = plan_epochs(
-            self.budget_s, time.perf_counter() - self.start, done, self.planned, cost, valid_s, reserve, self.size,
-            self.progressive, tolerance, shares=self.shares,
+            self.budget_s, elapsed, done, self.planned, cost, valid_s, reserve, self.size, self.progressive, tolerance,
+            shares=self.shares,
         )  # fmt: skip
+        self.last_part = self.part_that_fits(n, done, elapsed, cost, valid_s, reserve) if n < self.planned else 0.0
+        self.end_s = valid_s + reserve
+        more = f", and {self.last_part:.0%} of epoch {n + 1}" if self.last_part else ""
         self.reason = (
-            f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit (epoch {done} took "
+            f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit{more} (epoch {done} took "
             f"{self.t_train:.0f} s at {size} px + {valid_s:.0f} s validation; {reserve:.0f} s kept for test and export)"
         )
-        return n
+        return n + 1 if self.last_part else n
+
+    def part_that_fits(
+        self, n: int, done: int, elapsed: float, cost: EpochCost, valid_s: float, reserve: float
+    ) -> float:
+        """The share of one more epoch, the last of a plan of n + 1, that ends within the budget (`LAST_PART_MIN`:
+        the least worth taking; 0: none). The epochs before it are planned at their sizes in the longer plan."""
+        sizes = [
+            progressive_size(e, n + 1, self.progressive, self.size, shares=self.shares) for e in range(done, n + 1)
+        ]
+        whole = sum(cost(s) + valid_s for s in sizes[:-1])
+        part = (self.budget_s - elapsed - whole - valid_s - reserve) / max(cost(sizes[-1]), 1e-9)
+        return part if LAST_PART_MIN <= part < 1 else 0.0
 
     # --resume (checkpoint.run_records): the plan goes on as it was cut (fastai's n_epoch; the saved config still
     # says --epochs), and the budget counts the time the interrupted part took, so a resumed run ends when the
     # uninterrupted one would have, on the same schedule
     def resume_state(self) -> dict:
         return {"spent_s": time.perf_counter() - self.start, "n_epoch": self.n_epoch, "cut_early": self.cut_early,
-                "cut": [self.stop_at, self.n_batches]}  # fmt: skip
+                "cut": [self.stop_at, self.n_batches], "last_part": self.last_part, "end_s": self.end_s}  # fmt: skip
 
     def load_resume_state(self, state: dict) -> None:
         self.start -= state["spent_s"]
         self.learn.n_epoch, self.cut_early = state["n_epoch"], state.get("cut_early", False)
         self.stop_at, self.n_batches = state.get("cut", (0, 0))
+        self.last_part, self.end_s = state.get("last_part", 0.0), state.get("end_s", 0.0)
         self.epochs_run = self.epoch  # the epochs done before the resume (all of them, if none is left to train)
 
     def summary(self) -> dict:
+        if self.stop_at and self.last_part:  # whole epochs, then a share of the last
+            part = min(self.stop_at, self.n_batches) / self.n_batches
+            return {"budget_s": self.budget_s, "epochs_planned": self.planned,
+                    "epochs_run": round(self.epochs_run - 1 + part, 3), "last_epoch_batches": self.stop_at,
+                    "batches_per_epoch": self.n_batches}  # fmt: skip
         if self.stop_at:  # a share of the one epoch
             run = round(min(self.stop_at, self.n_batches) / self.n_batches, 3)
             return {"budget_s": self.budget_s, "epochs_planned": self.planned, "epochs_run": run,
