@@ -176,6 +176,24 @@ def test_transfer_fine_tunes_the_pretrained_row_and_gives_scratch_its_wall_time(
     assert rows_in_process[-1][0].init_from is None and rows_in_process[-1][0].weights is None
 
 
+def test_rows_say_their_machine_and_a_study_does_not_mix_two_kinds(tiny_data, tmp_path, rows_in_process, monkeypatch):
+    amd = {"cpu": "AMD EPYC", "cores": 2, "bf16": True, "amx": False, "versions": {}}
+    xeon = {**amd, "cpu": "Intel Xeon", "amx": True}
+    args = ["depth-width", "--data", str(tiny_data), "--out", str(tmp_path), *TINY]
+    monkeypatch.setattr(study_module, "machine", lambda: amd)
+    assert run(*args, "--rows", "resnet20").exit_code == 0
+    (row,) = csv.DictReader((tmp_path / "depth-width" / "study.csv").open())
+    assert row["host"] == "AMD EPYC (AVX-512 BF16), 2 cores"
+    assert "Machine: AMD EPYC (AVX-512 BF16), 2 cores." in (tmp_path / "depth-width" / "study.md").read_text()
+    monkeypatch.setattr(study_module, "machine", lambda: xeon)  # the study moved to another kind of host
+    res = run(*args, "--rows", "resnet20,resnet20:2")
+    assert res.exit_code == 2 and "holds rows measured on AMD EPYC (AVX-512 BF16), 2 cores; this machine is Intel " \
+        "Xeon (AMX), 2 cores" in res.output and "Traceback" not in res.output, res.output
+    assert len(rows_in_process) == 1, "refused before anything trained"
+    monkeypatch.setattr(study_module, "machine", lambda: amd)  # back on the first kind: it resumes
+    assert run(*args, "--rows", "resnet20,resnet20:2").exit_code == 0 and len(rows_in_process) == 2
+
+
 def test_bad_study_names_rows_and_seeds_end_in_one_line(tiny_data, tmp_path, rows_in_process):
     for args, message in [
         (["nosuch"], "unknown study 'nosuch': choose one of depth-width, augment, robust"),

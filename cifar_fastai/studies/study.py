@@ -31,7 +31,7 @@ from ..utils import write_text_atomic
 from .compare import spawn_row
 
 COLUMNS = ["row", "seed", "arch", "width", "params_m", "mflops", "epochs", "train_img_s", "peak_mem_mb", "wall_s",
-           "valid_acc", "test_acc", "robust_acc", "attack_n", "run"]  # fmt: skip
+           "valid_acc", "test_acc", "robust_acc", "attack_n", "run", "host"]  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -195,6 +195,25 @@ def machine() -> dict:
             "amx": "amx_tile" in cpu["flags"], "versions": versions()}  # fmt: skip
 
 
+def host_kind(m: dict | None = None) -> str:
+    """The kind of machine a row's figures hold for: the CPU model, its bf16 units (they change what a step costs
+    and, with `--precision auto`, the numerics) and its cores."""
+    m = m or machine()
+    units = "AMX" if m["amx"] else "AVX-512 BF16" if m["bf16"] else "no bf16"
+    return f"{m['cpu']} ({units}), {m['cores']} cores"
+
+
+def check_host(folder: Path, done_rows: list[dict]) -> None:
+    """Refuse to add rows measured on another kind of machine than the rows already in the table: their times do not
+    compare, nor (bf16 against fp32) quite their accuracies. Rows from before the host was recorded pass."""
+    here = host_kind()
+    others = sorted({r["host"] for r in done_rows if r.get("host")} - {here})
+    if others:
+        raise StudyError(f"{folder / 'study.csv'} holds rows measured on {'; '.join(others)}; this machine is {here}: "
+                         "rows from two kinds of machine do not compare. Resume on that kind of machine, or use "
+                         "another --name to start the study here")  # fmt: skip
+
+
 def study_budget(study: Study, base: TrainConfig, user_given: Collection[str] = ()) -> dict:
     """What every row of the study shares: the config without the fields any of its rows sets (all its rows, so a
     `--rows` subset keeps the same budget; a row's default only where the user left it), the row's seed, name and
@@ -277,6 +296,7 @@ def run_study(
     check_budget(folder, budget)
     labels = [r.label for r in rows]
     done_rows = read_rows(folder / "study.csv")
+    check_host(folder, done_rows)
     finished = {r["row"] for r in done_rows}
     plans = []
     for row in rows:  # every row's settings checked before the first one trains
@@ -319,7 +339,7 @@ def run_study(
         if result is None:
             failed.append(f"{row.label} (seed {seed})")
             continue
-        done_rows.append({"row": row.label, "seed": seed, **result})
+        done_rows.append({"row": row.label, "seed": seed, **result, "host": host_kind()})
         write_outputs(folder, study, done_rows, budget)
     if done_rows:
         write_outputs(folder, study, done_rows, budget)
@@ -420,7 +440,7 @@ def search_markdown(study: Study, table: list[dict], chosen: dict, metrics: dict
     shown = {k: v for k, v in budget.items() if k in SHOWN and v not in (None, "", False)}
     lines += [
         "",
-        f"Study `{study.name}`: {study.question}. Machine: {m['cpu']}, {m['cores']} cores.",
+        f"Study `{study.name}`: {study.question}. Machine: {host_kind(m)}.",
         "Budget: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + f", folds={budget.get('folds')}.",
         (f"Chosen on validation only: {fmt_params(chosen)}; trained once on all the training images (its usual "
         f"hold-out for validation), then tested: **test accuracy {100 * metrics['test_accuracy']:.2f}%** on "
@@ -483,7 +503,7 @@ def markdown(study: Study, rows: list[dict], budget: dict) -> str:
     shown = {k: v for k, v in shared.items() if k in SHOWN and v not in (None, "", False)}
     lines += [
         "",
-        f"Study `{study.name}`: {study.question}. Machine: {m['cpu']}, {m['cores']} cores.",
+        f"Study `{study.name}`: {study.question}. Machine: {hosts_line(rows, m)}.",
         "Budget: " + ", ".join(f"{k}={v}" for k, v in shown.items()) + ".",
         (
             "Accuracy: mean over the seeds (range in brackets). Wall: the row's whole `train()` (data, fit, test pass, "
@@ -502,6 +522,14 @@ def markdown(study: Study, rows: list[dict], budget: dict) -> str:
             f"{a['alpha'] * 255:g}/255) on the first {rs[0].get('attack_n') or a['n']} test images."
         )
     return "\n".join(lines) + "\n"
+
+
+def hosts_line(rows: list[dict], m: dict) -> str:
+    """The machine the rows were measured on (this one, when no row recorded it)."""
+    hosts = list(dict.fromkeys(r["host"] for r in rows if r.get("host")))
+    if len(hosts) > 1:  # a table written before hosts were checked
+        return "rows from several kinds of machine: " + "; ".join(hosts)
+    return hosts[0] if hosts else host_kind(m)
 
 
 def _run_config(row: dict) -> dict:
