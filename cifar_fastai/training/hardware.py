@@ -68,8 +68,8 @@ def cpu_bf16_pays() -> bool:
 # cache folder): the same choice for every later run of that shape on this machine.
 PROBE_STEPS, PROBE_BS = 3, 64
 # The choice is kept for every later run of the shape, so a probe bent by other work on the cores would bend them all:
-# beside a training run on the AVX-512 BF16 host one probe read fp32 53 and bf16 25 images/s, where alone it reads
-# 254 and 398. Each precision is timed twice, in the order fp32, bf16, bf16, fp32 (a load that comes or goes
+# beside a training run on the AVX-512 BF16 host a probe of the half-width airbench_resnet read fp32 53 and bf16 25
+# images/s, bf16 the slower, where bf16 is the faster there alone (full width: 254 and 398). Each precision is timed twice, in the order fp32, bf16, bf16, fp32 (a load that comes or goes
 # mid-probe falls on both), and its faster round counts.
 PROBE_ORDER = (False, True, True, False)
 
