@@ -83,3 +83,17 @@ def test_a_run_records_how_many_images_got_the_extra_views(tiny_data, tmp_path):
 def test_the_fraction_is_checked_like_every_setting():
     with pytest.raises(ConfigError, match="--tta-select"):
         TrainConfig(tta_select=1.5)
+
+
+def test_the_benchmark_reports_each_fraction_against_full_tta(tiny_run, tmp_path):
+    from tests.test_deploy import invoke, script_app
+
+    out = tmp_path / "selective.json"
+    invoke(script_app("bench/selective_tta.py", "main"), str(tiny_run), "--fractions", "0.5,0", "--bs", "32",
+           "--out", str(out))  # fmt: skip
+    (run,) = json.loads(out.read_text())["runs"]
+    rows = run["fractions"]
+    assert list(rows) == ["1", "0.5", "0"], "full TTA always measured, as the baseline of the ratios"
+    assert rows["1"]["extra_view_images"] == run["n"] and rows["0.5"]["extra_view_images"] == run["n"] // 2
+    assert rows["0"]["extra_view_images"] == 0 and rows["0"]["accuracy"] == run["plain_accuracy"]
+    assert rows["1"]["seconds_vs_full_tta"] == 1.0 and rows["0"]["seconds_vs_full_tta"] < 1.0
