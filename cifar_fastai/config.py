@@ -78,7 +78,7 @@ def parse_steps(text: str) -> tuple[float, ...]:
 
 
 # Architectures whose optimizer rates Muon's groups were set for (airbench94_muon's bias-free head, logits / width).
-MUON_ARCHS = ("airbench_resnet", "airbench94")
+MUON_ARCHS = ("airbench_resnet", "airbench94", "airbench95", "airbench96")
 
 
 @dataclass(frozen=True)
@@ -310,7 +310,7 @@ class TrainConfig:
             if self.fine_tuning:
                 raise ConfigError("--optimizer muon trains from scratch; fine-tuning uses fastai's AdamW (drop --optimizer)")
             if self.arch not in MUON_ARCHS:
-                raise ConfigError(f"--optimizer muon is tuned for --arch {' or '.join(MUON_ARCHS)} only (got {self.arch}): use adam")
+                raise ConfigError(f"--optimizer muon is for the airbench nets ({', '.join(MUON_ARCHS)}; got {self.arch}): use adam")
             if self.schedule != "linear":
                 # fit_one_cycle also cycles momentum (0.95-0.85-0.95) in every group, overriding Muon's 0.6 and SGD's 0.85
                 raise ConfigError("--optimizer muon needs --schedule linear (fastai's one-cycle would override its momentum)")

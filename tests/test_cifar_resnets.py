@@ -54,6 +54,26 @@ def test_parameter_counts_match_the_papers(name, published):
     assert abs(n - published) / published < 0.02, f"{name}: {n:,} parameters, published {published:,.0f}"
 
 
+def test_the_larger_airbench_rungs_have_their_published_shapes():
+    """airbench95: the plain two-conv groups at 128/384/384; airbench96: 128/512/512 with a third conv per group,
+    the residual over the last two and the activation after the sum (Jordan 2024)."""
+    import torch.nn.functional as F
+
+    for name, widths, convs in [("airbench95", [128, 384, 384], 2), ("airbench96", [128, 512, 512], 3)]:
+        body = build(name)[0]
+        groups = [body.layer1, body.layer2, body.layer3]
+        assert [g.conv1.out_channels for g in groups] == widths
+        assert all(sum(isinstance(m, torch.nn.Conv2d) for m in g.modules()) == convs for g in groups), name
+    g = build("airbench96", 0.25)[0].layer2.eval()
+    for bn in (g.bn1, g.bn2, g.bn3):  # statistics that are not the identity, so a misplaced one shows
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0), bn.bias.data.uniform_(-0.2, 0.2)
+    x = torch.randn(2, g.conv1.in_channels, 16, 16)
+    x0 = F.gelu(g.bn1(F.max_pool2d(g.conv1(x), 2)))
+    expected = F.gelu(x0 + g.bn3(g.conv3(F.gelu(g.bn2(g.conv2(x0))))))
+    assert torch.allclose(g(x), expected, atol=1e-5)
+    assert TrainConfig(arch="airbench96", optimizer="muon", schedule="linear").arch == "airbench96", "Muon trains it"
+
+
 def test_width_multiplier_and_zero_init():
     narrow, wide = build("resnet20", 1.0), build("resnet20", 2.0)
     n1, n2 = (sum(p.numel() for p in m.parameters()) for m in (narrow, wide))

@@ -412,7 +412,7 @@ def test_muon_refuses_what_its_rates_were_not_set_for():
     assert opt_settings(ok)["wd"] is None
     for bad, match in [  # refused when the config is made, before any learner
         (lambda: ok.replace(pretrained=True), "from scratch"),
-        (lambda: ok.replace(arch="resnet18"), "airbench_resnet or airbench94 only"),
+        (lambda: ok.replace(arch="resnet18"), "is for the airbench nets .*airbench96; got resnet18"),
         (lambda: ok.replace(schedule="one_cycle"), "schedule linear"),
         (lambda: TrainConfig(pretrained=True, schedule="linear"), "from scratch"),
     ]:

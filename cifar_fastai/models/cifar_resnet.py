@@ -303,26 +303,35 @@ class ConvGroup(nn.Module):
     "momentum 0.6" in the other convention); its convs start as Dirac (identity) on the first c_in filters.
     """
 
-    def __init__(self, c_in: int, c_out: int, residual: bool = True):
+    def __init__(self, c_in: int, c_out: int, residual: bool = True, convs: int = 2):
         super().__init__()
         self.residual = residual  # False: airbench94's plain conv - conv (the `airbench94` baseline)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)
         self.pool, self.bn1 = nn.MaxPool2d(2), airbench_bn(c_out)
         self.conv2, self.bn2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), airbench_bn(c_out)
+        # airbench96's group: a third conv, the residual over the last two, the activation after the sum (its
+        # 06/13/24 update); its BatchNorm keeps torch's running-stat momentum
+        self.conv3 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False) if convs == 3 else None
+        if self.conv3 is not None:
+            self.bn3 = airbench_bn(c_out, momentum=0.1)
+            self.bn1.momentum = self.bn2.momentum = 0.1
         self.act = nn.GELU()
 
     def dirac_init(self) -> None:
-        for conv in (self.conv1, self.conv2):
-            nn.init.dirac_(conv.weight.data[: conv.in_channels])
+        for conv in (self.conv1, self.conv2, self.conv3):
+            if conv is not None:
+                nn.init.dirac_(conv.weight.data[: conv.in_channels])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.act(self.bn1(self.pool(self.conv1(x))))
         y = self.act(self.bn2(self.conv2(x)))
+        if self.conv3 is not None:
+            return self.act(x + self.bn3(self.conv3(y)))
         return x + y if self.residual else y
 
 
-def airbench_bn(c: int) -> nn.BatchNorm2d:
-    bn = nn.BatchNorm2d(c, eps=1e-12, momentum=0.4)
+def airbench_bn(c: int, momentum: float = 0.4) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(c, eps=1e-12, momentum=momentum)
     bn.weight.requires_grad_(False)  # the scale stays 1; the bias trains
     return bn
 
@@ -353,14 +362,16 @@ class PatchWhiten(nn.Conv2d):
         self.whitened.fill_(True)
 
 
-def _airbench(n_out: int, width: float, dropout: float, residual: bool) -> nn.Sequential:
-    c = [channels(x, width) for x in (64, 256, 256)]
+def _airbench(
+    n_out: int, width: float, dropout: float, residual: bool, widths: tuple[int, int, int] = (64, 256, 256), convs: int = 2
+) -> nn.Sequential:
+    c = [channels(x, width) for x in widths]
     body = nn.Sequential(
         OrderedDict(
             whiten=nn.Sequential(PatchWhiten(24), nn.GELU()),
-            layer1=ConvGroup(24, c[0], residual),
-            layer2=ConvGroup(c[0], c[1], residual),
-            layer3=ConvGroup(c[1], c[2], residual),
+            layer1=ConvGroup(24, c[0], residual, convs),
+            layer2=ConvGroup(c[0], c[1], residual, convs),
+            layer3=ConvGroup(c[1], c[2], residual, convs),
         )
     )
     # airbench94_muon's head: max-pool of the final 3x3 map (31 -> 15 -> 7 -> 3 px), bias-free linear with unit-std
@@ -387,3 +398,20 @@ def airbench94(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -> nn.
     """The CIFAR-10 speed record's net as published (airbench94, Jordan 2024): `airbench_resnet` without the residual
     adds; the `--recipe record` baseline."""
     return _airbench(n_out, width, dropout, residual=False)
+
+
+# airbench's larger rungs (Jordan 2024, github.com/KellerJordan/cifar10-airbench): the shapes, trained here with the
+# recipes' Muon and head (the logits divided by the feature count, as airbench94_muon's), not their SGD settings:
+# airbench95 (95% on the original images in 15 epochs of SGD) widens the groups to 128/384/384; airbench96 (96% in
+# 31 epochs, with 4-px translation and 12-px cutout) also adds a third conv per group. `--width` scales both.
+@register_cifar_model("airbench95", splitter=cifar_split)
+def airbench95(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -> nn.Sequential:
+    """airbench95's net (Jordan 2024): airbench94's plain conv groups widened to 128/384/384."""
+    return _airbench(n_out, width, dropout, residual=False, widths=(128, 384, 384))
+
+
+@register_cifar_model("airbench96", splitter=cifar_split)
+def airbench96(n_out: int = 10, width: float = 1.0, dropout: float = 0.0) -> nn.Sequential:
+    """airbench96's net (Jordan 2024): conv groups of 128/512/512, three convs each with a residual over the last two;
+    at `--width 0.5`, airbench94's widths with the third conv."""
+    return _airbench(n_out, width, dropout, residual=True, widths=(128, 512, 512), convs=3)
