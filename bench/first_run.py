@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
                 "train_plus_valid_seconds": round(train_s, 1),
                 "wall_seconds": round(m["wall_seconds"], 1),
                 "train_images_per_s": round(m.get("train_images_per_s", 0.0), 1),
-                "epochs_trained": budget.get("epochs_trained", budget.get("n_epoch")),
+                "epochs_trained": budget.get("epochs_run"),
                 "time_budget": budget or None,
                 "resolved": {
                     k: cfg.get("config", {}).get(k)

@@ -275,6 +275,69 @@ def test_the_time_whole_epochs_leave_trains_part_of_one_more(last_pace, tiny_dat
     assert clock[0] <= budget.budget_s - budget_module.EXPORT_S + 1e-9, "and the export's time is still kept"
 
 
+class PartAfterEpochOne(TimeBudget):
+    """From the first epoch on: 3 whole epochs and half of a 4th fit, whatever the clock says."""
+
+    def plan(self, done: int) -> int:
+        self.reason = "test"
+        self.last_part, self.end_s = 0.5, 0.0
+        return 4
+
+    def retrim_last(self) -> None:  # the budget is endless here: measured again, the part would be the whole epoch
+        pass
+
+
+class MoreAfterTheEnd(TimeBudget):
+    """2 of 5 epochs fit after the first; after the second, the last of the plan, all 5 would (a host that sped up)."""
+
+    def plan(self, done: int) -> int:
+        self.reason = "test"
+        return 2 if done == 1 else self.planned
+
+
+def test_a_schedule_at_its_end_is_not_restarted_by_a_later_plan(tiny_data):
+    from cifar_fastai.data.loaders import get_data
+    from cifar_fastai.training.learner import create_learner, norm_stats
+    from cifar_fastai.training.run import fit
+
+    cfg = TrainConfig(data=str(tiny_data), arch="tiny", bs=16, epochs=5, valid_pct=0.2, schedule="linear", lr=0.01,
+                      optimizer="sgd", train_per_class=10)  # fmt: skip
+    learn = create_learner(cfg, get_data(cfg, norm_stats(cfg)))
+    budget = MoreAfterTheEnd(1e9, 0.0, 32)
+    fit(learn, cfg, [budget])
+    assert len(learn.recorder.values) == 2 and budget.summary()["epochs_run"] == 2, "the run ended with its schedule"
+
+
+def test_a_part_epoch_adds_full_size_training_after_the_stages(tiny_data):
+    from fastai.callback.core import Callback
+
+    from cifar_fastai.callbacks.fast import ProgressiveResize
+    from cifar_fastai.data.loaders import get_data
+    from cifar_fastai.training.learner import create_learner, norm_stats
+    from cifar_fastai.training.run import fit
+
+    seen = []
+
+    class Spy(Callback):
+        order = 70
+
+        def before_batch(self):
+            if self.training:
+                seen.append((self.epoch, self.xb[0].shape[-1], self.opt.hypers[0]["lr"]))
+
+    cfg = TrainConfig(data=str(tiny_data), arch="airbench_resnet", width=0.25, bs=10, epochs=8, valid_pct=0.2,
+                      train_per_class=10, optimizer="muon", schedule="linear", lr=0.12)  # fmt: skip
+    learn = create_learner(cfg, get_data(cfg, norm_stats(cfg)))
+    n_iter = len(learn.dls.train)
+    budget = PartAfterEpochOne(1e9, 0.0, 32, progressive=20)
+    fit(learn, cfg, [ProgressiveResize(20, 32), budget, Spy()])
+    sizes = {e: s for e, s, _ in seen}
+    assert sizes == {0: 20, 1: 24, 2: 32, 3: 32}, "the stages over the 3 whole epochs, then the part at full size"
+    assert len([e for e, *_ in seen if e == 3]) == round(0.5 * n_iter) and len(learn.recorder.values) == 4
+    assert seen[-1][2] < 0.12 / (4 * round(0.5 * n_iter)) * 1.5, "the rate ended within the part"
+    assert budget.summary()["epochs_run"] == round(3 + round(0.5 * n_iter) / n_iter, 3)
+
+
 def test_a_sliver_of_an_epoch_is_not_worth_its_validation(tiny_data):
     from types import SimpleNamespace
 

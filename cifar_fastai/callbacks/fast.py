@@ -99,7 +99,10 @@ class ProgressiveResize(Callback):
         self.start, self.full, self.shares = start, full, shares
 
     def before_train(self):  # once per epoch, not per batch
-        self.size = progressive_size(self.epoch, self.n_epoch, self.start, self.full, shares=self.shares)
+        # a time budget that ends the run with part of an epoch spreads the stages over the whole ones
+        # (training/budget.py); the part, like every epoch past them, trains at full size
+        n = getattr(self.learn, "size_epochs", None) or self.n_epoch
+        self.size = progressive_size(self.epoch, n, self.start, self.full, shares=self.shares)
 
     def before_batch(self):
         if not self.training:

@@ -154,6 +154,7 @@ class TimeBudget(Callback):
         self.reason = ""
         self.stop_at = self.n_batches = 0  # a cut first or last epoch: the batches it trains, of how many
         self.last_part, self.end_s = 0.0, 0.0  # the share of the last epoch planned; what is kept after it (s)
+        self.retrim_at, self._t_first = 0, 0.0
 
     def before_fit(self):
         self.planned, self.n_planned, self.measured, self.cut_early = self.n_epoch, 0, {}, False
@@ -164,6 +165,9 @@ class TimeBudget(Callback):
         if self.epoch >= self.n_epoch:  # lowered after the previous epoch: the run ends here
             raise CancelFitException
         self.t_train = self.t_valid = None
+        # the epochs ProgressiveResize spreads its stages over: the whole ones, so a part epoch adds training at full
+        # size rather than moving every stage later (None: all of them)
+        self.learn.size_epochs = self.n_epoch - 1 if self.last_part else None
 
     def before_train(self):
         self._t0 = time.perf_counter()
@@ -176,6 +180,7 @@ class TimeBudget(Callback):
             # 1 / (n_iter * n_epoch) per batch, so with n_iter = the batches it trains pct_train reaches 1 at its end
             self.stop_at, self.n_batches = max(1, round(self.last_part * self.n_iter)), self.n_iter
             self.learn.n_iter = self.stop_at
+            self.retrim_at = min(EARLY_BATCHES, self.stop_at // 2)  # once: the batch count it changes is not its cue
             self.say(f"time budget {self.budget_s:.0f} s: the last epoch, {self.epoch + 1}, trains {self.stop_at:,} of "
                      f"its {self.n_batches:,} batches")  # fmt: skip
         if self.stop_at and self.iter >= self.stop_at:
@@ -183,8 +188,9 @@ class TimeBudget(Callback):
 
     def after_batch(self):
         if self.training and self.last_part and self.stop_at:  # the last epoch, in part
-            k = min(EARLY_BATCHES, self.stop_at // 2)
-            if k >= 2 and self.iter + 1 == k:
+            if self.iter == 0:
+                self._t_first = time.perf_counter()  # the pace is timed from here: the epoch's start-up is not a batch
+            elif self.retrim_at >= 2 and self.iter + 1 == self.retrim_at:
                 self.retrim_last()
             return
         early = max(2, min(EARLY_BATCHES, self.n_iter // 5))
@@ -244,10 +250,10 @@ class TimeBudget(Callback):
         and the schedule's end stretched or shrunk to match."""
         now = time.perf_counter()
         done = self.iter + 1
-        per_batch = (now - self._t0) / done
+        per_batch = (now - self._t_first) / (done - 1)
         fit = done + int(max(0.0, self.budget_s - (now - self.start) - self.end_s) / per_batch)
         fit = distributed.broadcast_object(min(fit, self.n_batches))
-        if fit == self.stop_at or self.pct_train >= 1:
+        if fit == self.stop_at:
             return
         self.stop_at = fit
         # pct_train is to reach 1 after the batches left, this one included: TrainEvalCallback, after this callback,
@@ -295,7 +301,8 @@ class TimeBudget(Callback):
         time: a cut made after one slow epoch is taken back when the next ones run at speed (fastai re-reads
         `n_epoch` each epoch, so the rate schedule follows either way). The first epoch this process measures (the
         first of the run, or the first after a --resume) warms up: `FIRST_EPOCH_TOLERANCE`."""
-        size = progressive_size(self.epoch, self.n_epoch, self.progressive, self.size, shares=self.shares)
+        stages = getattr(self.learn, "size_epochs", None) or self.n_epoch  # the epoch's own size, as it trained
+        size = progressive_size(self.epoch, stages, self.progressive, self.size, shares=self.shares)
         valid_s = self.t_valid or 0.0  # --ema's pass over the average included; the test pass has one model
         reserve = valid_s / self.valid_passes * self.test_scale + EXPORT_S
         self.measured[size] = self.t_train
@@ -324,13 +331,11 @@ class TimeBudget(Callback):
     def part_that_fits(
         self, n: int, done: int, elapsed: float, cost: EpochCost, valid_s: float, reserve: float
     ) -> float:
-        """The share of one more epoch, the last of a plan of n + 1, that ends within the budget (`LAST_PART_MIN`:
-        the least worth taking; 0: none). The epochs before it are planned at their sizes in the longer plan."""
-        sizes = [
-            progressive_size(e, n + 1, self.progressive, self.size, shares=self.shares) for e in range(done, n + 1)
-        ]
-        whole = sum(cost(s) + valid_s for s in sizes[:-1])
-        part = (self.budget_s - elapsed - whole - valid_s - reserve) / max(cost(sizes[-1]), 1e-9)
+        """The share of one more epoch, after n whole ones, that ends within the budget (`LAST_PART_MIN`: the least
+        worth taking; 0: none). Progressive resizing spreads its stages over the n whole epochs (`size_epochs`), and
+        the part trains at full size, the size the model is tested at."""
+        end = finish_s(elapsed, done, n, cost, valid_s, reserve, self.size, self.progressive, self.shares)
+        part = (self.budget_s - end - valid_s) / max(cost(self.size), 1e-9)
         return part if LAST_PART_MIN <= part < 1 else 0.0
 
     # --resume (checkpoint.run_records): the plan goes on as it was cut (fastai's n_epoch; the saved config still
