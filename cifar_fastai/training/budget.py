@@ -217,10 +217,8 @@ class TimeBudget(Callback):
         fit = early + int(max(0.0, self.budget_s - (now - self.start) - valid_s - reserve) / per_batch)
         n, fit = distributed.broadcast_object((max(1, n), fit if n < 1 and fit < self.n_iter else 0))
         if fit:
-            self.reason = (f"time budget {self.budget_s:.0f} s: not one epoch fits ({cost:.0f} s an epoch at the pace "
-                           f"of the first {early} batches): epoch 1 trains {fit:,} of its {self.n_iter:,} batches")  # fmt: skip
-            if distributed.is_main():
-                print(self.reason, flush=True)
+            self.say(f"time budget {self.budget_s:.0f} s: not one epoch fits ({cost:.0f} s an epoch at the pace "
+                     f"of the first {early} batches): epoch 1 trains {fit:,} of its {self.n_iter:,} batches")  # fmt: skip
             self.learn.n_epoch, self.cut_early, self.stop_at, self.n_batches = 1, True, fit, self.n_iter
             remaining = fit - self.iter
         elif n < EARLY_CUT * self.planned:
@@ -229,10 +227,8 @@ class TimeBudget(Callback):
             part = self.part_that_fits(n, 0, self._t0 - self.start, lambda s: cost, valid_s, reserve)
             part = distributed.broadcast_object(part)
             more = f", and {part:.0%} of epoch {n + 1}" if part else ""
-            self.reason = (f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit{more} (the first "
-                           f"{early} batches of epoch 1 took {now - self._t0:.0f} s, {cost:.0f} s an epoch at that pace)")  # fmt: skip
-            if distributed.is_main():
-                print(self.reason, flush=True)
+            self.say(f"time budget {self.budget_s:.0f} s: {n} of {self.planned} epochs fit{more} (the first "
+                     f"{early} batches of epoch 1 took {now - self._t0:.0f} s, {cost:.0f} s an epoch at that pace)")  # fmt: skip
             self.learn.n_epoch, self.cut_early = n + (1 if part else 0), True
             self.last_part, self.end_s = part, valid_s + reserve
             remaining = self.n_iter - self.iter
@@ -292,8 +288,7 @@ class TimeBudget(Callback):
         n, self.last_part = distributed.broadcast_object((self.plan(done), self.last_part))
         # fewer; or more again (up to --epochs) when an earlier cut was for a slow epoch; or a new share of the last
         if n != self.n_epoch or (part > 0) != (self.last_part > 0):
-            if distributed.is_main():
-                print(self.reason, flush=True)
+            self.say(self.reason)
             self.learn.n_epoch = n
 
     def plan(self, done: int) -> int:
