@@ -54,7 +54,7 @@ def test_python_api_and_cli_refuse_the_same_value_with_the_same_message(name, va
     [
         ({"arch": "resnt18"}, "unknown architecture 'resnt18'"),
         ({"eps": "9/0"}, "--eps: '9/0' is not a number"),
-        ({"optimizer": "muon"}, "--optimizer muon is tuned for"),
+        ({"optimizer": "muon"}, "--optimizer muon is for the airbench nets"),
         ({"mixup": 0.4, "cutmix": 1.0}, "--mixup and --cutmix cannot be used together"),
         ({"alt_flip": True, "loader": "datablock"}, "--alt-flip needs the tensor loader"),
         ({"progressive": 40}, "--progressive 40: the start size"),
