@@ -14,18 +14,16 @@ take), or the figures measure the other jobs too. Writes bench/out/augment_cost.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 
-import torch
 import typer
 from fastai.torch_core import set_seed
 
 from cifar_fastai import TrainConfig, get_data
 from cifar_fastai.training import hardware
-from cifar_fastai.utils import cpu_info, versions
+from cifar_fastai.utils import write_bench_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,29 +52,22 @@ def main(
     )
     hardware.setup(base)
     names = policies.split(",")
-    results, load = {}, {"before": round(os.getloadavg()[0], 2)}
+    results, load_before = {}, round(os.getloadavg()[0], 2)
     for name in names:
         seconds, n = epoch_seconds(base.replace(augment=name))
         results[name] = {"epoch_seconds": round(seconds, 3), "images": n, "images_per_s": round(n / seconds, 1)}
         print(f"{name:8s} {seconds:7.2f} s  {n / seconds:9.0f} images/s", flush=True)
-    load["after"] = round(os.getloadavg()[0], 2)
     first = results[names[0]]["epoch_seconds"]
     for r in results.values():
         r[f"seconds_vs_{names[0]}"] = round(r["epoch_seconds"] / first, 2)
-    result = {
-        "command": f"python bench/augment_cost.py --data {data} --policies {policies} --bs {bs} --workers {workers}"
+    write_bench_json(
+        out,
+        f"python bench/augment_cost.py --data {data} --policies {policies} --bs {bs} --workers {workers}"
         + (f" --train-per-class {train_per_class}" if train_per_class else ""),
-        "what": "one epoch of the tensor loader's training batches per --augment policy, no model",
-        # a load above the cores while it ran means other jobs shared the CPU: the figures are then upper bounds
-        "machine": {"cpu": cpu_info()["model"], "threads": torch.get_num_threads(), "load_average_1min": load},
-        "versions": versions(),
-        "results": results,
-    }
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
-
+        "one epoch of the tensor loader's training batches per --augment policy, no model",
+        load_before,
+        results=results,
+    )
 
 if __name__ == "__main__":
     typer.run(main)

@@ -15,19 +15,17 @@ take). Writes bench/out/selective_tta.json (or --out).
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
 from typing import Annotated
 
-import torch
 import typer
 from fastai.torch_core import noop
 
 from cifar_fastai.evaluation.evaluate import evaluation_dl, load_run_learner
 from cifar_fastai.evaluation.report import selective_tta_preds
-from cifar_fastai.utils import cpu_info, versions
+from cifar_fastai.utils import write_bench_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -74,7 +72,7 @@ def main(
     out: str = typer.Option(str(REPO / "bench/out/selective_tta.json"), help="JSON result file"),
 ) -> None:
     picked = fractions_of(fractions)
-    load = {"before": round(os.getloadavg()[0], 2)}
+    load_before = round(os.getloadavg()[0], 2)
     results = []
     for run_dir in runs:
         r = measure(run_dir, picked, bs)
@@ -83,20 +81,13 @@ def main(
             print(f"{run_dir.name}: F={f:4s} {100 * row['accuracy']:.2f}% ({row['extra_view_images']:,} images with "
                   f"views) in {row['seconds']:.1f} s = {row['seconds_vs_full_tta']:.2f}x full TTA; gain kept "
                   f"{row['gain_kept']}", flush=True)  # fmt: skip
-    load["after"] = round(os.getloadavg()[0], 2)
-    result = {
-        "command": "python bench/selective_tta.py " + " ".join(map(str, runs)) + f" --fractions {fractions} --bs {bs}",
-        "what": "test accuracy and time of TTA on the least certain fraction F of the test images, per finished run",
-        # a load above the cores while it ran means other jobs shared the CPU: the times are then upper bounds
-        "machine": {"cpu": cpu_info()["model"], "threads": torch.get_num_threads(), "load_average_1min": load},
-        "versions": versions(),
-        "runs": results,
-    }
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2) + "\n")
-    print(f"wrote {path}")
-
+    write_bench_json(
+        out,
+        "python bench/selective_tta.py " + " ".join(map(str, runs)) + f" --fractions {fractions} --bs {bs}",
+        "test accuracy and time of TTA on the least certain fraction F of the test images, per finished run",
+        load_before,
+        runs=results,
+    )
 
 if __name__ == "__main__":
     typer.run(main)

@@ -60,6 +60,19 @@ def write_json(path: Path, obj) -> None:
     write_text_atomic(path, json.dumps(obj, indent=2, default=str))
 
 
+def write_bench_json(out: str | Path, command: str, what: str, load_before: float, **results) -> Path:
+    """A benchmark's JSON record: its command, what it measures, the machine (the CPU model: figures compare only
+    within one kind of host), the versions and `results`. The 1-minute load average before and after says whether
+    other jobs shared the CPU while it ran: above the core count, its times are upper bounds."""
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    load = {"before": load_before, "after": round(os.getloadavg()[0], 2)}
+    machine = {"cpu": cpu_info()["model"], "threads": torch.get_num_threads(), "load_average_1min": load}
+    write_json(path, {"command": command, "what": what, "machine": machine, "versions": versions(), **results})
+    print(f"wrote {path}")
+    return path
+
+
 def read_json(path: Path) -> dict:
     """A JSON file's object, or {} when the file is not there (a run folder's optional records)."""
     path = Path(path)

@@ -15,6 +15,38 @@ from cifar_fastai.training import distributed
 from cifar_fastai.training.budget import TimeBudget, epoch_cost, plan_epochs
 
 
+class FakeClock:
+    """The budget's clock, advanced only by training batches: `pace(epoch)` seconds each (1 s unless told), so what
+    fits is exact. `slow()` is the callback that advances it; `trained` records (epoch, batch) of each batch."""
+
+    def __init__(self):
+        self.now, self.trained = 0.0, []
+
+    def slow(self, pace=lambda epoch: 1.0):
+        from fastai.callback.core import Callback
+
+        clock = self
+
+        class Slow(Callback):
+            order = -30  # before the budget's own after_batch: the batch it measures is over
+
+            def after_batch(self):
+                if self.training:
+                    clock.now += pace(self.epoch)
+                    clock.trained.append((self.epoch, self.iter))
+
+        return Slow()
+
+
+@pytest.fixture
+def fake_clock(monkeypatch):
+    import types
+
+    clock = FakeClock()
+    monkeypatch.setattr(budget_module, "time", types.SimpleNamespace(perf_counter=lambda: clock.now))
+    return clock
+
+
 def test_plan_keeps_the_epochs_that_fit_with_the_test_pass_reserved():
     # 1 epoch done after 20 s; an epoch at 32 px costs 10 s training + 2 s validation; 16 s kept for the end
     one = 10 / 32**2
@@ -126,27 +158,13 @@ def test_a_shortened_run_still_ends_its_schedule_and_at_full_size(tiny_data):
 
 @pytest.mark.parametrize("epochs_of_budget,fitting", [(1.5, 1), (2.6, 2)])
 def test_a_first_epoch_far_over_the_budget_is_cut_early_so_the_schedule_still_decays(epochs_of_budget, fitting, tiny_data,
-                                                                                     capsys, monkeypatch):  # fmt: skip
+                                                                                     capsys, fake_clock):  # fmt: skip
     """A net too slow for its plan (the budget's clock made to advance 1 s per training batch): the first batches
     project that 1 of 6 epochs fits, so the linear rate decays to ~0 within that epoch instead of following the
     6-epoch plan."""
-    import types
-
-    from fastai.callback.core import Callback
-
     from cifar_fastai.data.loaders import get_data
     from cifar_fastai.training.learner import create_learner, norm_stats
     from cifar_fastai.training.run import fit
-
-    clock = [0.0]
-    monkeypatch.setattr(budget_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-
-    class Slow(Callback):
-        order = -30  # before the budget's own after_batch: the batch it measures is over
-
-        def after_batch(self):
-            if self.training:
-                clock[0] += 1.0
 
     cfg = TrainConfig(data=str(tiny_data), arch="tiny", bs=8, epochs=6, valid_pct=0.2, schedule="linear", lr=0.01,
                       optimizer="sgd", train_per_class=20)  # fmt: skip
@@ -154,7 +172,7 @@ def test_a_first_epoch_far_over_the_budget_is_cut_early_so_the_schedule_still_de
     n_iter = len(learn.dls.train)
     assert n_iter >= 10, "enough batches to project from"
     budget = TimeBudget(n_iter * epochs_of_budget + budget_module.EXPORT_S, 0.0, 32)
-    fit(learn, cfg, [Slow(), budget])
+    fit(learn, cfg, [fake_clock.slow(), budget])
     # 2.6: the first epoch's tolerance would let a third whole epoch in (over budget); the early plan holds, and
     # takes the share of one more that the whole epochs leave
     assert len(learn.recorder.values) == fitting + 1 and fitting < budget.summary()["epochs_run"] < fitting + 1
@@ -165,27 +183,13 @@ def test_a_first_epoch_far_over_the_budget_is_cut_early_so_the_schedule_still_de
     assert learn.recorder.lrs[-1] < 0.01 * 3 / n_iter, "the rate decayed over the epochs that fit"
 
 
-def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_validates(tiny_data, capsys, monkeypatch):
+def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_validates(tiny_data, capsys, monkeypatch,
+                                                                                    fake_clock):  # fmt: skip
     """The same clock (1 s per training batch) with a budget of under half an epoch: the epoch is cut to the
     batches that fit, the rate schedule ends within them, and validation, test and export still run."""
-    import types
-
-    from fastai.callback.core import Callback
-
     from cifar_fastai.data.loaders import get_data
     from cifar_fastai.training.learner import create_learner, norm_stats
     from cifar_fastai.training.run import fit
-
-    clock, trained = [0.0], []
-    monkeypatch.setattr(budget_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-
-    class Slow(Callback):
-        order = -30
-
-        def after_batch(self):
-            if self.training:
-                clock[0] += 1.0
-                trained.append(self.iter)
 
     cfg = TrainConfig(data=str(tiny_data), arch="tiny", bs=4, epochs=6, valid_pct=0.2, schedule="linear", lr=0.01,
                       optimizer="sgd", train_per_class=20)  # fmt: skip
@@ -193,8 +197,8 @@ def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_valida
 
     def cut(train_passes: float, world: int = 1, valid_passes: int = 1):
         monkeypatch.setattr(distributed, "world_size", lambda: world)  # torchrun's ranks each validate a shard
-        clock[0] = 0.0
-        trained.clear()
+        fake_clock.now = 0.0
+        fake_clock.trained.clear()
         learn = create_learner(cfg, data)
         n_iter = len(learn.dls.train)
         # what a plain run reserves for validation and test at the first estimate (VALID_SHARE of a 1 s batch per
@@ -202,7 +206,7 @@ def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_valida
         reserve = budget_module.VALID_SHARE * (data.n_valid + data.n_test) / cfg.bs + budget_module.EXPORT_S
         budget = TimeBudget(n_iter / 3 + reserve, 0.0, 32, n_valid=data.n_valid, n_test=data.n_test,
                             train_passes=train_passes, valid_passes=valid_passes)  # fmt: skip
-        fit(learn, cfg, [Slow(), budget])
+        fit(learn, cfg, [fake_clock.slow(), budget])
         return learn, budget, n_iter
 
     # a step that costs 8 passes (PGD-7 training) says less about the forward-only validation: less is reserved
@@ -214,7 +218,7 @@ def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_valida
     fit_batches = budget.summary()["batches_run"]
     assert early < fit_batches <= n_iter / 3 < attacked < n_iter, "the batches that fit beside what is reserved"
     assert ema < fit_batches < ranks < attacked, "what each validation pass costs is kept free"
-    assert trained == list(range(fit_batches)), "training stopped there, inside the first epoch"
+    assert fake_clock.trained == [(0, i) for i in range(fit_batches)], "training stopped there, inside the first epoch"
     assert len(learn.recorder.values) == 1, "and the epoch was still validated"
     (row,) = learn.recorder.values  # train loss, valid loss, accuracy, error rate: every column has its value
     assert len(row) == len(learn.recorder.metric_names) - 2 and row[2] == pytest.approx(1 - row[3])
@@ -229,28 +233,13 @@ def test_a_budget_shorter_than_one_epoch_trains_the_batches_that_fit_then_valida
 
 
 @pytest.mark.parametrize("last_pace", [1.0, 2.0])
-def test_the_time_whole_epochs_leave_trains_part_of_one_more(last_pace, tiny_data, capsys, monkeypatch):
+def test_the_time_whole_epochs_leave_trains_part_of_one_more(last_pace, tiny_data, capsys, fake_clock):
     """The clock advances 1 s per training batch and the budget holds 2.4 epochs: after 2 whole epochs the plan
     takes 40% of a third, the rate schedule ends within those batches, and validation, test and export still run.
     A host that slows down in that last epoch (2 s a batch: `last_pace`) has it trimmed to what still fits."""
-    import types
-
-    from fastai.callback.core import Callback
-
     from cifar_fastai.data.loaders import get_data
     from cifar_fastai.training.learner import create_learner, norm_stats
     from cifar_fastai.training.run import fit
-
-    clock, trained = [0.0], []
-    monkeypatch.setattr(budget_module, "time", types.SimpleNamespace(perf_counter=lambda: clock[0]))
-
-    class Slow(Callback):
-        order = -30
-
-        def after_batch(self):
-            if self.training:
-                clock[0] += last_pace if self.epoch == 2 else 1.0
-                trained.append((self.epoch, self.iter))
 
     cfg = TrainConfig(data=str(tiny_data), arch="tiny", bs=4, epochs=3, valid_pct=0.2, schedule="linear", lr=0.01,
                       optimizer="sgd", train_per_class=20)  # fmt: skip
@@ -258,8 +247,8 @@ def test_the_time_whole_epochs_leave_trains_part_of_one_more(last_pace, tiny_dat
     n_iter = len(learn.dls.train)
     assert n_iter >= 40, "enough batches for a share of one to be measured"
     budget = TimeBudget(2.4 * n_iter + budget_module.EXPORT_S, 0.0, 32)  # validation takes no time on this clock
-    fit(learn, cfg, [Slow(), budget])
-    last = [i for e, i in trained if e == 2]
+    fit(learn, cfg, [fake_clock.slow(lambda epoch: last_pace if epoch == 2 else 1.0), budget])
+    last = [i for e, i in fake_clock.trained if e == 2]
     planned = round(0.4 * n_iter)
     assert len(learn.recorder.values) == 3, "the part epoch was validated too"
     assert "2 of 3 epochs fit, and 40% of epoch 3" in capsys.readouterr().out
@@ -272,7 +261,7 @@ def test_the_time_whole_epochs_leave_trains_part_of_one_more(last_pace, tiny_dat
     else:  # measured after its first batches: at 2 s a batch nothing more fits
         early = min(budget_module.EARLY_BATCHES, planned // 2)
         assert last == list(range(early)) and budget.summary()["last_epoch_batches"] == early
-    assert clock[0] <= budget.budget_s - budget_module.EXPORT_S + 1e-9, "and the export's time is still kept"
+    assert fake_clock.now <= budget.budget_s - budget_module.EXPORT_S + 1e-9, "and the export's time is still kept"
 
 
 class PartAfterEpochOne(TimeBudget):
