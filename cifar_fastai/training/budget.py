@@ -19,7 +19,10 @@ from fastai.callback.core import Callback, CancelFitException, CancelTrainExcept
 from . import distributed
 from .recipes import progressive_size
 
-EXPORT_S = 5.0  # confusion matrix, export.pkl and the safetensors twin: about 2 s here; a margin on top
+# confusion matrix, export.pkl and the safetensors twin (about 2 s here), then the interpreter's exit, which the user
+# waits for too: with 5 s kept, `fast` runs timed from spawn to exit by bench/time_to_accuracy.py ended 3 s past
+# their budget
+EXPORT_S = 8.0
 
 
 def process_start() -> float:
