@@ -69,5 +69,6 @@ def main(
         results=results,
     )
 
+
 if __name__ == "__main__":
     typer.run(main)

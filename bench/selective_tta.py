@@ -89,5 +89,6 @@ def main(
         runs=results,
     )
 
+
 if __name__ == "__main__":
     typer.run(main)

@@ -320,7 +320,7 @@ def main(
         results.append(run_one(recipe, seed, data, runs_dir, [*extra, *budget, *options], host_speed, probe_scale, docs, name))
         out.parent.mkdir(parents=True, exist_ok=True)  # after every run: a stopped bench keeps what it has
         summary = summarize(results)
-        command = "python bench/time_to_accuracy.py " + " ".join(sys.argv[1:])
+        command = "python bench/time_to_accuracy.py " + shlex.join(sys.argv[1:])
         out.write_text(json.dumps({"command": command, "summary": summary, "runs": results}, indent=2))
         plot(results, out.with_suffix(".png"))
     print(json.dumps(summary, indent=2))
