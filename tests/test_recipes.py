@@ -284,7 +284,7 @@ def test_cli_options_given_with_a_recipe_win_even_at_their_default(monkeypatch):
     assert r.exit_code == 0, r.output
     # the job closes over the config the command built; read it back from the closure
     cfg = next(c.cell_contents.cfg for c in seen[0].__closure__ if isinstance(c.cell_contents, Resolved))
-    assert (cfg.recipe, cfg.arch, cfg.tta, cfg.bs, cfg.epochs) == ("fast", "airbench_resnet", False, 256, 3)
+    assert (cfg.recipe, cfg.arch, cfg.tta, cfg.bs, cfg.epochs) == ("fast", "airbench94", False, 256, 3)
 
 
 # ---- Muon + Nesterov SGD (airbench94_muon), the linear schedule and the 6-view TTA

@@ -17,7 +17,7 @@ from cifar_fastai.studies.study import STUDIES
 from cifar_fastai.training.resolve import resolve
 
 # two cheap rows of each study (the row process itself: test_cifar_resnets' compare test runs it for real)
-ROWS = {"depth-width": "resnet20,resnet20:2", "augment": "none,fast recipe", "robust": "standard,fgsm-rs"}
+ROWS = {"depth-width": "resnet20,resnet20:2", "augment": "none,baseline", "robust": "standard,fgsm-rs"}
 SEARCHES = {"search"}  # a sweep, then one test run: its own test below
 LINKED = {"transfer"}  # rows that start from earlier rows' results: its own test below
 TINY = ["--epochs", "1", "--train-per-class", "10", "--time-budget", "0", "--seeds", "0"]
@@ -147,7 +147,8 @@ def test_transfer_fine_tunes_the_pretrained_row_and_gives_scratch_its_wall_time(
     (pre, _), (ft, _), (sc, _) = rows_in_process
     folder = tmp_path / "transfer"
     table = {r["row"]: r for r in csv.DictReader((folder / "study.csv").open())}
-    assert pre.classes == TRANSFER_SOURCE and pre.optimizer == "muon", "pretrained by the fast recipe"
+    assert pre.classes == TRANSFER_SOURCE and (pre.arch, pre.optimizer, pre.bs) == ("airbench_resnet", "muon", 250)
+    assert (pre.epochs, pre.width) == (1, 0.25), "the command line reached the pretraining too"
     assert ft.classes == sc.classes == TRANSFER_TARGET and ft.train_per_class == sc.train_per_class == 50
     assert ft.init_from == table["pretrain"]["run"] and ft.freeze_epochs == 1 and sc.init_from is None
     assert ft.epochs == sc.epochs == 1, "the command line's --epochs won over the rows' own"
@@ -156,6 +157,8 @@ def test_transfer_fine_tunes_the_pretrained_row_and_gives_scratch_its_wall_time(
     md = (folder / "study.md").read_text()
     ft_acc, sc_acc = (float(table[f"50/class {arm}"]["test_acc"]) for arm in ("fine-tuned", "scratch"))
     assert f"| {100 * (ft_acc - sc_acc):+.2f} |" in md and "finetune.png" in md
+    own = next(line for line in md.splitlines() if line.startswith("Row `pretrain` trains with settings of its own"))
+    assert "optimizer=muon" in own and "epochs=1," in own, "the pretraining's line says what it trained with"
     assert (Path(table["50/class fine-tuned"]["run"]) / "finetune.png").is_file()
     assert (folder / "study.png").stat().st_size > 10_000
     for rows, extra, message in [
@@ -270,3 +273,24 @@ def test_a_refused_first_attempt_leaves_no_budget_behind_and_a_bad_lock_is_one_l
     assert res.exit_code == 0 and "another budget" not in res.output, res.output[-2000:]
     bad = run(*args, "--lock", str(tmp_path / "no" / "such" / "dir" / "cpu.lock"), "--name", "other")
     assert bad.exit_code == 2 and "error: --lock" in bad.output and "Traceback" not in bad.output, bad.output
+
+
+def test_the_committed_augment_study_resumes_and_no_recipe_change_reaches_its_rows(tiny_data, tmp_path,
+                                                                                   rows_in_process, monkeypatch):
+    # the rows spell out the net they were trained with: a later `fast` recipe must not retrain them differently
+    from cifar_fastai.training.recipes import RECIPES, Recipe
+
+    monkeypatch.setitem(RECIPES, "fast", Recipe("fast", "another net", {"arch": "resnet18", "bs": 64}))
+    monkeypatch.setattr(study_module, "check_host", lambda *a: None)  # the table was trained on another machine
+    folder = tmp_path / "augment"
+    folder.mkdir()
+    (folder / "study.csv").write_text(Path("docs/data/augment/study.csv").read_text())
+    budget = json.loads(Path("docs/data/augment/budget.json").read_text())
+    (folder / "budget.json").write_text(json.dumps({**budget, "data": str(tiny_data)}))
+    res = run("augment", "--data", str(tiny_data), "--out", str(tmp_path), "--rows", "baseline", "--seeds", "0")
+    assert res.exit_code == 0 and "baseline seed 0: already in" in res.output, res.output[-3000:]
+    assert rows_in_process == [], "the committed row is not trained again"
+    res = run("augment", "--data", str(tiny_data), "--out", str(tmp_path), "--name", "new", "--rows", "baseline", *TINY)
+    assert res.exit_code == 0, res.output[-3000:]
+    (cfg, _), = rows_in_process
+    assert (cfg.arch, cfg.bs, cfg.optimizer, cfg.progressive, cfg.recipe) == ("airbench_resnet", 250, "muon", 20, None)

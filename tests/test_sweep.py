@@ -216,7 +216,7 @@ def test_sweep_trials_train_the_recipe_and_keep_no_checkpoints(tiny_data, tmp_pa
     for trial in trial_dirs:
         cfg = TrainConfig.from_json(trial / "config.json")
         assert (cfg.arch, cfg.optimizer, cfg.schedule, cfg.label_smoothing) == (
-            "airbench_resnet",
+            "airbench94",
             "muon",
             "linear",
             0.2,
