@@ -1,6 +1,6 @@
 """Benchmark: Muon's Newton-Schulz iteration over a net's conv filters in bf16 and in fp32 on this CPU, as JSON.
 
-    python bench/newton_schulz.py                      # the fast recipe's net (airbench_resnet, full width)
+    python bench/newton_schulz.py                      # the residual fast net (airbench_resnet, full width)
     python bench/newton_schulz.py --arch airbench94 --reps 5
 
 One optimizer step orthogonalizes every filter bank once; this times that for both precisions on the same machine,

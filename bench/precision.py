@@ -11,7 +11,7 @@ time limit). Writes bench/out/precision.json (or --out).
 from __future__ import annotations
 
 import json
-import platform
+import os
 from pathlib import Path
 
 import torch
@@ -20,7 +20,7 @@ import typer
 from cifar_fastai.config import TrainConfig
 from cifar_fastai.training.hardware import cpu_flags
 from cifar_fastai.training.run import train
-from cifar_fastai.utils import versions
+from cifar_fastai.utils import write_bench_json
 
 
 def main(
@@ -35,6 +35,7 @@ def main(
     out: str = typer.Option("bench/out/precision.json", help="JSON result file"),
 ) -> None:
     out, runs = Path(out), {}
+    load_before = round(os.getloadavg()[0], 2)
     for variant in variants.split(","):
         precision, _, cl = variant.partition("+")
         cfg = TrainConfig(
@@ -49,22 +50,18 @@ def main(
     for r in runs.values():
         r["train_speed_vs_first"] = r["train_images_per_s"] / base["train_images_per_s"]
         r["test_accuracy_minus_first"] = r["test_accuracy"] - base["test_accuracy"]
-    result = {
-        "command": f"python bench/precision.py --data {data} --arch {arch} --epochs {epochs} --bs {bs} "
-        f"--variants {variants} --device {device}",
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
-            "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "bf16_flags": sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx")),
-        },
-        "versions": versions(),
-        "runs": runs,
-    }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
-    print(json.dumps(result["runs"], indent=2))
-    print(f"written {out}")
+    print(json.dumps(runs, indent=2))
+    write_bench_json(
+        out,
+        f"python bench/precision.py --data {data} --arch {arch} --epochs {epochs} --bs {bs} --variants {variants} "
+        f"--device {device}",
+        "one short training run per precision and memory format, speed and accuracy against the first variant",
+        load_before,
+        # which instructions the CPU has decides whether bf16 runs in hardware or is emulated
+        cpu_capability=torch.backends.cpu.get_cpu_capability(),
+        bf16_flags=sorted(f for f in cpu_flags() if "bf16" in f or f.startswith("amx")),
+        runs=runs,
+    )
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import os
-import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -31,6 +31,7 @@ from cifar_fastai import TrainConfig
 from cifar_fastai.data.sources import resolve_data
 from cifar_fastai.training import hardware
 from cifar_fastai.training.run import train
+from cifar_fastai.utils import write_bench_json
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "bench/out/train_speed.json"
@@ -139,12 +140,8 @@ def main(
     torch.set_num_threads(os.cpu_count() or 1)
     root = resolve_data(data)
     runs = out.parent / "runs"
-    result = {
-        "command": "python bench/train_speed.py " + " ".join(sys.argv[1:]),
-        "machine": {"cpus": os.cpu_count(), "processor": platform.processor(), "torch": torch.__version__},
-        "bs": bs,
-        "variants": {},
-    }
+    load_before = round(os.getloadavg()[0], 2)
+    result = {"bs": bs, "cpus": os.cpu_count(), "variants": {}}
     parsed = {}
     for v in variants.split(","):
         arch, _, prec = v.partition(":")
@@ -180,10 +177,11 @@ def main(
             for v, r in result["variants"].items()
         },
     }
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result["ratios"], indent=2))
-    print(f"written {out}")
+    write_bench_json(
+        out, "python bench/train_speed.py " + shlex.join(sys.argv[1:]),
+        "the fastai-docs recipe, the bare training step and our path, images/s and their ratios", load_before, **result,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

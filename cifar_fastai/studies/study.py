@@ -591,7 +591,7 @@ def transfer_table(rows: list[dict]) -> list[str]:
 
 # the budget's settings a reader compares rows by (an attack's eps: the robust line)
 def trained_budget(budget: dict, rows: list[dict]) -> dict:
-    """The budget as the rows trained it: a recipe fills in the options nobody gave (the fast recipe's batch 250 and
+    """The budget as the rows trained it: a recipe fills in the options nobody gave (the quick recipe's batch 250 and
     Muon, not the defaults the budget holds), so the shared settings are read from the first row's config.json."""
     for r in rows:
         if saved := _run_config(r).get("config"):

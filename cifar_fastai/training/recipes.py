@@ -17,7 +17,7 @@ speed record, airbench94_muon (Keller Jordan 2024, github.com/KellerJordan/cifar
 - label smoothing 0.2 (airbench94; Szegedy et al. 2016, "Rethinking the Inception Architecture", sec. 7).
 - test-time augmentation: airbench's 6 views (mirror x {none, 1-px shifts}; evaluation/report.py); in `fast` and
   `long` only on the quarter of the test images least certain in the plain pass (`--tta-select 0.25`, as the later
-  CIFAR-10 speedrun records do): on the fast recipe's 8-epoch net it kept all of full TTA's gain in 0.36x its time
+  CIFAR-10 speedrun records do): on the residual fast net after 8 epochs it kept all of full TTA's gain in 0.36x its time
   (bench/selective_tta.py, docs/speed.md); the saved seconds go to training under the time budget. `record` keeps
   full TTA, as airbench does.
 - a 2% hold-out, so 49,000 images train (airbench trains on all 50,000).
