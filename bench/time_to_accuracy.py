@@ -302,6 +302,8 @@ def main(
     docs_epochs: Annotated[int, typer.Option(
         min=1, help=f"epochs of the fastai-docs recipe, run as '{DOCS}:SEED' in --runs (resnet18 from scratch, bs 64)")] = 5,
 ) -> None:  # fmt: skip
+    from cifar_fastai.studies.study import machine
+
     extra = [*(["--epochs", str(epochs)] if epochs else []), *(["--train-per-class", str(train_per_class)] if train_per_class else [])]
     docs = (epochs or docs_epochs, train_per_class or DOCS_PER_CLASS)
     runs_dir = out.parent / "tta_runs"
@@ -321,7 +323,9 @@ def main(
         out.parent.mkdir(parents=True, exist_ok=True)  # after every run: a stopped bench keeps what it has
         summary = summarize(results)
         command = "python bench/time_to_accuracy.py " + shlex.join(sys.argv[1:])
-        out.write_text(json.dumps({"command": command, "summary": summary, "runs": results}, indent=2))
+        # figures compare only within one kind of host: the CPU model and its bf16 units beside them
+        record = {"command": command, "machine": machine(), "summary": summary, "runs": results}
+        out.write_text(json.dumps(record, indent=2))
         plot(results, out.with_suffix(".png"))
     print(json.dumps(summary, indent=2))
     print(f"written {out} and {out.with_suffix('.png')}")

@@ -120,6 +120,7 @@ def test_the_benchmark_runs_the_record_and_fast_recipes_end_to_end_on_tiny_data(
     """Through the time-to-accuracy benchmark: train.py --recipe, JSON, curve and plot, the record as yardstick."""
     result, out, probes = bench
     assert [r["recipe"] for r in result["runs"]] == ["record", "fast-half-tta"], "the record first, whatever the order"
+    assert result["machine"]["cpu"] and result["machine"]["cores"] >= 1, "the figures name the host they hold for"
     name = RUN_NAME[recipe]
     i, run = next((i, r) for i, r in enumerate(result["runs"]) if r["recipe"] == name)  # i: the order they ran in
     assert run["base_recipe"] == recipe == run["config"]["recipe"]
