@@ -11,7 +11,8 @@ recipe mean and spread of test accuracy and wall time, against the targets of th
 
 With record runs in the same invocation they run first, `fast` runs get `--time-budget` 0.75x their mean wall time
 (`--fast-budget-vs-record`), and `summary[recipe]["vs_record"]` says whether each recipe meets its goal against the
-record (`GOALS_VS_RECORD`). `--runs docs:0` adds the fastai-docs recipe (bench/train_speed.py) as one more run.
+record (`GOALS_VS_RECORD`); `--interleave` runs them in rounds instead (record, fast, record, fast), each budget a
+share of its own round's record run, and `vs_record.paired` compares each run with its round's record. `--runs docs:0` adds the fastai-docs recipe (bench/train_speed.py) as one more run.
 `--variant "fast-sel=fast --select 0.5"` then `--runs fast-sel:0,1` runs a recipe with train.py options on top under
 its own name, with its recipe's budget and goal: the A/B of one lever beside the plain recipe, in one invocation.
 
@@ -193,6 +194,33 @@ def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str], mea
     }
 
 
+def interleaved(plan: list[tuple[str, int]]) -> list[tuple[str, int]]:
+    """`plan` in rounds: round k is the record's k-th run, then the k-th run of every other name (in the order
+    asked). On a host whose speed drifts from hour to hour (docs/speed.md: a bare-step probe of 641 and 537 images/s
+    around the record's runs, 474 and 527 around `fast`'s, run one after the other), the drift then falls on both
+    arms of each pair instead of on one arm."""
+    by_name: dict[str, list[int]] = {}
+    for name, seed in plan:
+        by_name.setdefault(name, []).append(seed)
+    order = sorted(by_name, key=lambda name: name != BASELINE)
+    rounds = max(map(len, by_name.values()), default=0)
+    return [(name, by_name[name][k]) for k in range(rounds) for name in order if k < len(by_name[name])]
+
+
+def pairs(runs: list[dict], records: list[dict]) -> dict:
+    """The i-th run against the i-th record run: the per-pair accuracy difference (points, with TTA) and wall
+    ratio, and their means. With --interleave the two of a pair ran back to back, so the pairs' spread is the
+    recipe's own, not the host's hour."""
+    rows = [{"seed": r.get("seed"), "record_seed": b.get("seed"),
+             "test_accuracy_points": 100 * ((r["test_accuracy_tta"] or r["test_accuracy"]) - (b["test_accuracy_tta"] or b["test_accuracy"])),
+             "wall_ratio": r["process_wall_s"] / b["process_wall_s"]} for r, b in zip(runs, records)]  # fmt: skip
+    if not rows:
+        return {"pairs": []}
+    points = [p["test_accuracy_points"] for p in rows]
+    return {"pairs": rows, "points_mean": statistics.fmean(points), "points_min": min(points), "points_max": max(points),
+            "wall_ratio_mean": statistics.fmean(p["wall_ratio"] for p in rows)}  # fmt: skip
+
+
 def summarize(runs: list[dict]) -> dict:
     def spread(xs):
         return {"mean": statistics.fmean(xs), "min": min(xs), "max": max(xs), "std": statistics.pstdev(xs), "n": len(xs)}
@@ -219,7 +247,9 @@ def summarize(runs: list[dict]) -> dict:
                 points = s["test_accuracy_reported"]["mean"] - base["test_accuracy_reported"]["mean"]
                 ratio = s["process_wall_s"]["mean"] / base["process_wall_s"]["mean"]
                 s["vs_record"] = {"test_accuracy_points": 100 * points, "wall_ratio": ratio,
-                                  "beats_on_both": points >= 0 and ratio < 1}  # fmt: skip
+                                  "beats_on_both": points >= 0 and ratio < 1,
+                                  "paired": pairs([r for r in runs if r["recipe"] == recipe],
+                                                  [r for r in runs if r["recipe"] == BASELINE])}  # fmt: skip
                 if goal := GOALS_VS_RECORD.get(s["base_recipe"]):
                     acc_ok = 100 * points >= goal["min_points"] - 1e-9
                     wall_ok = ratio <= goal["max_wall_ratio"]
@@ -301,6 +331,9 @@ def main(
         "e.g. 'fast-sel=fast --select 0.5'")] = None,
     docs_epochs: Annotated[int, typer.Option(
         min=1, help=f"epochs of the fastai-docs recipe, run as '{DOCS}:SEED' in --runs (resnet18 from scratch, bs 64)")] = 5,
+    interleave: Annotated[bool, typer.Option(
+        help="run in rounds (record seed 0, then each other run's first seed; record seed 1, then the second seeds, "
+        "...), each budget a share of its own round's record run, so a host that drifts slows both arms alike")] = False,
 ) -> None:  # fmt: skip
     from cifar_fastai.studies.study import machine
 
@@ -311,12 +344,14 @@ def main(
     plan = [(r, int(x)) for r in recipes.split(",") for x in seeds.split(",")]
     if runs:
         plan = [(r, int(x)) for spec in runs for r, _, xs in [spec.partition(":")] for x in (xs or "0").split(",")]
-    plan.sort(key=lambda run: run[0] != BASELINE)  # the record first: budgets below are shares of its wall time
+    plan = interleaved(plan) if interleave else sorted(plan, key=lambda run: run[0] != BASELINE)
     shares = {"fast": fast_budget_vs_record, "long": long_budget_vs_record}
     variants = parse_variants(variant or [])
     for name, seed in plan:
         recipe, options = variants.get(name, (name, []))
         walls = [r["process_wall_s"] for r in results if r["recipe"] == BASELINE]
+        if interleave:  # the record run of the same round, the host's pace of this hour
+            walls = walls[-1:]
         budget = ["--time-budget", f"{shares[recipe] * statistics.fmean(walls):.1f}"] if shares.get(recipe) and walls else []
         # a variant's own --time-budget, after the benchmark's share, wins
         results.append(run_one(recipe, seed, data, runs_dir, [*extra, *budget, *options], host_speed, probe_scale, docs, name))

@@ -217,6 +217,41 @@ def test_benchmark_says_how_much_sooner_each_recipe_reaches_the_docs_recipes_acc
     assert "vs_docs" not in out["docs"] and "vs_docs" not in summarize([*fast, *late])["fast"]
 
 
+def test_interleaved_benchmark_runs_in_rounds_each_budget_from_its_rounds_record(tmp_path, monkeypatch):
+    """--interleave: record, fast, record, fast; each fast run's budget a share of the record run just before it (not
+    of the mean), and vs_record.paired compares each run with its own round's record."""
+    main = script_app("bench/time_to_accuracy.py", "main")
+    module = main.__globals__
+    walls = {("record", 0): 1000.0, ("record", 1): 1200.0, ("fast", 0): 700.0, ("fast", 1): 880.0}
+    accs = {("record", 0): 0.90, ("record", 1): 0.91, ("fast", 0): 0.905, ("fast", 1): 0.905}
+    ran = []
+
+    def run_one(recipe, seed, data, runs, extra, *args, name=None, **kwargs):
+        ran.append((name or recipe, seed, extra))
+        key = (name or recipe, seed)
+        return {"recipe": key[0], "base_recipe": recipe, "options": extra, "seed": seed, "config": {},
+                "process_wall_s": walls[key], "train_images_per_s": 1.0, "test_accuracy": accs[key] - 0.01,
+                "test_accuracy_tta": accs[key], "valid_accuracy": 0.5, "curve_wall_s_valid_accuracy": [(1.0, 0.5)],
+                "host_speed": None}  # fmt: skip
+
+    monkeypatch.setitem(module, "run_one", run_one)
+    monkeypatch.setitem(module, "plot", lambda runs, path: None)
+    out = tmp_path / "tta.json"
+    invoke(main, "--runs", "fast:0,1", "--runs", "record:0,1", "--interleave", "--no-host-speed", "--out", str(out))
+    assert [(n, s) for n, s, _ in ran] == [("record", 0), ("fast", 0), ("record", 1), ("fast", 1)]
+    budgets = [extra[extra.index("--time-budget") + 1] for n, _, extra in ran if n == "fast"]
+    assert budgets == ["750.0", "900.0"], "0.75x the round's own record run"
+    paired = json.loads(out.read_text())["summary"]["fast"]["vs_record"]["paired"]
+    assert [p["test_accuracy_points"] for p in paired["pairs"]] == pytest.approx([0.5, -0.5])
+    assert [p["wall_ratio"] for p in paired["pairs"]] == pytest.approx([0.7, 880 / 1200])
+    assert paired["points_mean"] == pytest.approx(0.0) and paired["points_min"] == pytest.approx(-0.5)
+    # without it: every record run first, and every budget a share of their mean
+    ran.clear()
+    invoke(main, "--runs", "fast:0,1", "--runs", "record:0,1", "--no-host-speed", "--out", str(out))
+    assert [(n, s) for n, s, _ in ran] == [("record", 0), ("record", 1), ("fast", 0), ("fast", 1)]
+    assert {extra[extra.index("--time-budget") + 1] for n, _, extra in ran if n == "fast"} == {"825.0"}
+
+
 def test_a_benchmark_folder_refuses_a_run_asked_with_other_options(tmp_path, monkeypatch):
     """Runs are reused by folder name: one trained with other options (a variant redefined) is refused, not mixed in;
     the --time-budget the benchmark computes anew each invocation is not an option that differs."""
