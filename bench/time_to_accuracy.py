@@ -12,7 +12,8 @@ recipe mean and spread of test accuracy and wall time, against the targets of th
 With record runs in the same invocation they run first, `fast` runs get `--time-budget` 0.75x their mean wall time
 (`--fast-budget-vs-record`), and `summary[recipe]["vs_record"]` says whether each recipe meets its goal against the
 record (`GOALS_VS_RECORD`); `--interleave` runs them in rounds instead (record, fast, record, fast), each budget a
-share of its own round's record run, and `vs_record.paired` compares each run with its round's record. `--runs docs:0` adds the fastai-docs recipe (bench/train_speed.py) as one more run.
+share of its own round's record run, and `vs_record.paired` compares each run with its round's record.
+`--runs docs:0` adds the fastai-docs recipe (bench/train_speed.py) as one more run.
 `--variant "fast-sel=fast --select 0.5"` then `--runs fast-sel:0,1` runs a recipe with train.py options on top under
 its own name, with its recipe's budget and goal: the A/B of one lever beside the plain recipe, in one invocation.
 
@@ -194,6 +195,11 @@ def run_one(recipe: str, seed: int, data: str, runs: Path, extra: list[str], mea
     }
 
 
+def reported(run: dict) -> float:
+    """The test accuracy a run reports: with TTA where it ran TTA (the recipes), plain otherwise (he2015, docs)."""
+    return run["test_accuracy_tta"] or run["test_accuracy"]
+
+
 def interleaved(plan: list[tuple[str, int]]) -> list[tuple[str, int]]:
     """`plan` in rounds: round k is the record's k-th run, then the k-th run of every other name (in the order
     asked). On a host whose speed drifts from hour to hour (docs/speed.md: a bare-step probe of 641 and 537 images/s
@@ -212,7 +218,7 @@ def pairs(runs: list[dict], records: list[dict]) -> dict:
     ratio, and their means. With --interleave the two of a pair ran back to back, so the pairs' spread is the
     recipe's own, not the host's hour."""
     rows = [{"seed": r.get("seed"), "record_seed": b.get("seed"),
-             "test_accuracy_points": 100 * ((r["test_accuracy_tta"] or r["test_accuracy"]) - (b["test_accuracy_tta"] or b["test_accuracy"])),
+             "test_accuracy_points": 100 * (reported(r) - reported(b)),
              "wall_ratio": r["process_wall_s"] / b["process_wall_s"]} for r, b in zip(runs, records)]  # fmt: skip
     if not rows:
         return {"pairs": []}
@@ -228,7 +234,7 @@ def summarize(runs: list[dict]) -> dict:
     out = {}
     for recipe in dict.fromkeys(r["recipe"] for r in runs):
         rs = [r for r in runs if r["recipe"] == recipe]
-        best = [r["test_accuracy_tta"] or r["test_accuracy"] for r in rs]
+        best = [reported(r) for r in rs]
         walls = [r["process_wall_s"] for r in rs]
         s = {"base_recipe": rs[0].get("base_recipe", recipe), "options": rs[0].get("options", []),
              "test_accuracy": spread([r["test_accuracy"] for r in rs]), "test_accuracy_reported": spread(best),
@@ -274,11 +280,11 @@ def vs_docs(runs: list[dict], docs: list[dict]) -> dict:
     reached = []
     for r in runs:
         first = next((t for t, acc in r["curve_wall_s_valid_accuracy"] if acc >= target), None)
-        if first is None and (r["test_accuracy_tta"] or r["test_accuracy"]) >= target:
+        if first is None and reported(r) >= target:
             first = r["process_wall_s"]
         reached.append(first)
     times = [t for t in reached if t is not None]
-    final = statistics.fmean(r["test_accuracy_tta"] or r["test_accuracy"] for r in runs)
+    final = statistics.fmean(reported(r) for r in runs)
     return {"docs_test_accuracy": target, "docs_wall_s": docs_wall, "wall_s_to_docs_accuracy": reached,
             "speedup": docs_wall / statistics.fmean(times) if times else None,
             "wall_ratio": statistics.fmean(r["process_wall_s"] for r in runs) / docs_wall,
@@ -295,7 +301,7 @@ def plot(runs: list[dict], path: Path) -> None:
     for r in runs:
         xs, ys = zip(*r["curve_wall_s_valid_accuracy"]) if r["curve_wall_s_valid_accuracy"] else ((), ())
         line = ax.plot([x / 60 for x in xs], ys, marker="o", ms=3, label=f"{r['recipe']} seed {r['seed']} (valid)")[0]
-        final = r["test_accuracy_tta"] or r["test_accuracy"]
+        final = reported(r)
         ax.plot([r["process_wall_s"] / 60], [final], marker="*", ms=12, color=line.get_color(), ls="none")
     for recipe, (acc, secs) in TARGETS.items():
         if any(r["recipe"] == recipe for r in runs):
